@@ -1,0 +1,176 @@
+"""BERT-style text encoder and the two fusion encoders (ALBEF `cross`, single-stream `merged`).
+
+All layers are post-LN as in BERT: h = LN(x + drop(attn(x))); out = LN(h + drop(ffn(h))).
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlpjax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int = 30522
+  width: int = 768
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  text_layers: int = 6
+  fusion_layers: int = 6
+  max_positions: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dropout: float = 0.1
+  attention_dropout: float = 0.1
+
+
+class Embeddings(nn.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout."""
+  cfg: TextConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg = self.cfg
+    init = layers.with_axes(layers.default_kernel_init, ("vocab", "embed"))
+    self.word = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=init, param_dtype=jnp.float32,
+                         dtype=self.dtype)
+    self.position = nn.Embed(cfg.max_positions, cfg.width, param_dtype=jnp.float32, dtype=self.dtype,
+                             embedding_init=layers.with_axes(layers.default_kernel_init, (None, "embed")))
+    self.token_type = nn.Embed(cfg.type_vocab_size, cfg.width, param_dtype=jnp.float32, dtype=self.dtype,
+                               embedding_init=layers.with_axes(layers.default_kernel_init, (None, "embed")))
+    self.norm = layers.LayerNorm(cfg.layer_norm_eps, self.dtype)
+    self.dropout = nn.Dropout(cfg.dropout)
+
+  def __call__(self, ids, token_type=None, *, deterministic=True):
+    positions = jnp.arange(ids.shape[1])[None, :]
+    token_type = jnp.zeros_like(ids) if token_type is None else token_type
+    x = self.word(ids) + self.position(positions) + self.token_type(token_type)
+    return self.dropout(self.norm(x), deterministic=deterministic)
+
+  def attend(self, states):
+    """Scores states [batch, length, width] against the word embeddings -> [..., vocab]."""
+    return self.word.attend(states.astype(self.dtype))
+
+
+class BertLayer(nn.Module):
+  """Self-attention, optional cross-attention to `memory`, then the feed-forward block."""
+  cfg: TextConfig
+  cross_attention: bool = False
+  dtype: Any = jnp.float32
+  sow_weights: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask, memory=None, memory_mask=None, deterministic=True):
+    cfg = self.cfg
+
+    def residual(name, y, inputs):
+      y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+      return layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name=name)(inputs + y)
+
+    attn = layers.Attention(cfg.num_heads, cfg.width, cfg.attention_dropout, self.dtype, name="attention")
+    x = residual("attention_norm", attn(x, x, mask, deterministic=deterministic), x)
+    if self.cross_attention:
+      cross = layers.Attention(cfg.num_heads, cfg.width, cfg.attention_dropout, self.dtype,
+                               sow_weights=self.sow_weights, name="crossattention")
+      x = residual("crossattention_norm", cross(x, memory, memory_mask, deterministic=deterministic), x)
+    y = layers.Dense(cfg.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="intermediate")(x)
+    y = nn.gelu(y, approximate=False)
+    y = layers.Dense(cfg.width, ("mlp", "embed"), dtype=self.dtype, name="output")(y)
+    x = residual("output_norm", y, x)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _layer_cls(remat: bool):
+  # `deterministic` (argument 5, counting self) must be static under remat.
+  return nn.remat(BertLayer, static_argnums=(5,)) if remat else BertLayer
+
+
+class TextEncoder(nn.Module):
+  """The text tower: embeddings + `text_layers` self-attention layers.
+
+  Returns `states` [batch, length, width] and `layer_cls` [layers, batch, width].
+  """
+  cfg: TextConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    self.embeddings = Embeddings(self.cfg, self.dtype)
+    layer = _layer_cls(self.remat)
+    self.layers = [layer(self.cfg, dtype=self.dtype, name=f"layer_{i}") for i in range(self.cfg.text_layers)]
+
+  def __call__(self, ids, mask, *, deterministic=True):
+    x = self.embeddings(ids, deterministic=deterministic)
+    layer_cls = []
+    for layer in self.layers:
+      x = layer(x, mask, None, None, deterministic)
+      layer_cls.append(x[:, 0])
+    return dict(states=x, layer_cls=jnp.stack(layer_cls))
+
+
+class CrossFusion(nn.Module):
+  """ALBEF fusion: text states attend to themselves, then to the image tokens, per layer.
+
+  Output positions are the text positions only: `image_states` is None.
+  """
+  cfg: TextConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+  sow_weights: bool = False
+
+  def setup(self):
+    layer = _layer_cls(self.remat)
+    self.layers = [layer(self.cfg, cross_attention=True, dtype=self.dtype, sow_weights=self.sow_weights,
+                         name=f"layer_{i}") for i in range(self.cfg.fusion_layers)]
+
+  def __call__(self, text_states, text_mask, image_states, image_mask=None, *, deterministic=True):
+    x = text_states
+    layer_text_states = []
+    for layer in self.layers:
+      x = layer(x, text_mask, image_states, image_mask, deterministic)
+      layer_text_states.append(x)
+    return dict(text_states=x, image_states=None, layer_text_states=layer_text_states,
+                layer_image_states=None)
+
+
+class MergedFusion(nn.Module):
+  """Single-stream fusion over [text ; image] with a modality embedding; outputs at every position.
+
+  Image states of another width are first projected to the text width. Layers are BERT layers
+  without cross-attention, so they initialise from BERT layers 6-11 (self-attention + FFN).
+  """
+  cfg: TextConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, text_states, text_mask, image_states, image_mask=None, *, deterministic=True):
+    cfg = self.cfg
+    if image_states.shape[-1] != cfg.width:
+      image_states = layers.Dense(cfg.width, ("mlp", "embed"), dtype=self.dtype, name="image_in")(image_states)
+    modality = self.param("modality_embedding", layers.with_axes(layers.default_kernel_init, (None, "embed")),
+                          (2, cfg.width), jnp.float32).astype(self.dtype)
+    num_text = text_states.shape[1]
+    x = jnp.concatenate([text_states + modality[0], image_states.astype(self.dtype) + modality[1]], axis=1)
+    if image_mask is None:
+      image_mask = jnp.ones(image_states.shape[:2], jnp.int32)
+    mask = jnp.concatenate([text_mask.astype(jnp.int32), image_mask.astype(jnp.int32)], axis=1)
+    layer = _layer_cls(self.remat)
+    layer_text_states, layer_image_states = [], []
+    for i in range(cfg.fusion_layers):
+      x = layer(cfg, dtype=self.dtype, name=f"layer_{i}")(x, mask, None, None, deterministic)
+      layer_text_states.append(x[:, :num_text])
+      layer_image_states.append(x[:, num_text:])
+    return dict(text_states=x[:, :num_text], image_states=x[:, num_text:],
+                layer_text_states=layer_text_states, layer_image_states=layer_image_states)
+
+
+def make_fusion(kind: str, cfg: TextConfig, dtype, remat: bool, sow_weights: bool = False) -> nn.Module:
+  if kind == "cross":
+    return CrossFusion(cfg, dtype, remat, sow_weights, name="fusion")
+  if kind == "merged":
+    return MergedFusion(cfg, dtype, remat, name="fusion")
+  raise ValueError(f"config.model.fusion must be 'cross' or 'merged', got {kind!r}")
+

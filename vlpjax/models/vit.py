@@ -1,0 +1,124 @@
+"""ViT image encoder (timm / DeiT layout): patch embedding, CLS, learned positions, pre-LN blocks."""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlpjax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  image_size: int = 256
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  layer_norm_eps: float = 1e-6
+
+  @property
+  def grid(self) -> int:
+    # Non-divisible sizes (ViCHA's 380 px) drop the border pixels, as a strided conv does.
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid * self.grid
+
+
+class VitBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+  cfg: VisionConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    cfg = self.cfg
+    y = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm1")(x)
+    x = x + layers.Attention(cfg.num_heads, cfg.width, dtype=self.dtype, name="attn")(y, y, mask)
+    y = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm2")(x)
+    x = x + layers.Mlp(int(cfg.width * cfg.mlp_ratio), cfg.width, dtype=self.dtype, name="mlp")(y)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class VisionTransformer(nn.Module):
+  """Encodes images [batch, H, W, 3] into tokens [batch, 1 + patches (+ extra), width].
+
+  `patch_mask` (bool [batch, patches], True = masked) replaces masked patch embeddings with a
+  learned mask token before the position embeddings are added (BEiT / MAMO masking).
+  `extra_tokens` [batch, K, width] (ViCHA visual concepts) are appended after the position
+  embeddings, without positions of their own; `extra_mask` masks their padding.
+  Returns `states` (after the final LayerNorm) and `layer_cls` [depth, batch, width]: the CLS
+  state after each block with the final LayerNorm applied (ViCHA's hierarchical alignment).
+  """
+  cfg: VisionConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    cfg = self.cfg
+    self.patch_embed = nn.Conv(
+        cfg.width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID",
+        dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=layers.with_axes(layers.default_kernel_init, (None, None, None, "embed")),
+        bias_init=layers.with_axes(nn.initializers.zeros, ("embed",)))
+    self.cls = self.param("cls", layers.with_axes(layers.default_kernel_init, (None, None, "embed")),
+                          (1, 1, cfg.width), jnp.float32)
+    self.pos_embedding = self.param(
+        "pos_embedding", layers.with_axes(layers.default_kernel_init, (None, None, "embed")),
+        (1, cfg.num_patches + 1, cfg.width), jnp.float32)
+    self.mask_token = self.param("mask_token", layers.with_axes(nn.initializers.zeros, (None, None, "embed")),
+                                 (1, 1, cfg.width), jnp.float32)
+    block = nn.remat(VitBlock) if self.remat else VitBlock
+    self.blocks = [block(cfg, self.dtype, name=f"block_{i}") for i in range(cfg.depth)]
+    self.norm = layers.LayerNorm(cfg.layer_norm_eps, self.dtype)
+
+  def embed(self, images, patch_mask=None):
+    """Patch + CLS + position embeddings: [batch, 1 + patches, width]."""
+    cfg = self.cfg
+    usable = cfg.grid * cfg.patch_size
+    x = self.patch_embed(images[:, :usable, :usable, :].astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, cfg.width)  # [batch, patches, width]
+    if patch_mask is not None:
+      x = jnp.where(patch_mask[..., None], self.mask_token.astype(x.dtype), x)
+    cls = jnp.broadcast_to(self.cls, (x.shape[0], 1, cfg.width)).astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1)
+    return x + self.pos_embedding.astype(x.dtype)
+
+  def __call__(self, images, patch_mask=None, extra_tokens=None, extra_mask=None):
+    x = self.embed(images, patch_mask)
+    mask = None
+    if extra_tokens is not None:
+      x = jnp.concatenate([x, extra_tokens.astype(x.dtype)], axis=1)
+      if extra_mask is not None:
+        image_valid = jnp.ones(x.shape[:1] + (x.shape[1] - extra_tokens.shape[1],), jnp.int32)
+        mask = jnp.concatenate([image_valid, extra_mask.astype(jnp.int32)], axis=1)
+    layer_cls = []
+    for block in self.blocks:
+      x = block(x, mask)
+      layer_cls.append(self.norm(x[:, 0]))
+    return dict(states=self.norm(x), layer_cls=jnp.stack(layer_cls), mask=mask)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[batch, H, W, C] -> [batch, patches, patch_size * patch_size * C] in row-major patch order."""
+  b, h, w, c = images.shape
+  gh, gw = h // patch_size, w // patch_size
+  x = images[:, :gh * patch_size, :gw * patch_size]
+  x = x.reshape(b, gh, patch_size, gw, patch_size, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, patch_size * patch_size * c)
+
+
+def resample_pos_embedding(pos: jax.Array, new_grid: int) -> jax.Array:
+  """Resizes [1, 1 + g*g, width] position embeddings to a new grid (CLS kept) with bicubic."""
+  cls, grid_pos = pos[:, :1], pos[:, 1:]
+  old = int(round(grid_pos.shape[1] ** 0.5))
+  if old == new_grid:
+    return pos
+  grid_pos = grid_pos.reshape(1, old, old, -1)
+  grid_pos = jax.image.resize(grid_pos, (1, new_grid, new_grid, grid_pos.shape[-1]), "cubic")
+  return jnp.concatenate([cls, grid_pos.reshape(1, new_grid * new_grid, -1)], axis=1)
+
