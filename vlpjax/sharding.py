@@ -49,6 +49,9 @@ def make_mesh(mesh_shape: dict, devices: Sequence[Any] | None = None) -> Mesh:
     if len(devices) % known:
       raise ValueError(f"{len(devices)} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = len(devices) // known
+  if -1 not in [int(mesh_shape.get(a, 1)) for a in MESH_AXES] and int(np.prod(sizes)) < len(devices):
+    # A fully specified smaller mesh uses the first devices (e.g. restoring onto 4 of 8).
+    devices = devices[:int(np.prod(sizes))]
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"have {len(devices)}")

@@ -1,0 +1,31 @@
+"""Input config blocks (`config.input`) for the pretraining configs. No TensorFlow import here:
+configs load these before any compute.
+"""
+import ml_collections
+
+# Size of the SentencePiece vocabulary shipped in input_pipeline/assets/demo_sp.model.
+DEMO_VOCAB_SIZE = 128
+
+
+def pretrain_input(image_size: int = 256, max_len: int = 25) -> ml_collections.ConfigDict:
+  """Real data by path: ALBEF JSON + image root, TFRecord glob, or a TFDS name."""
+  return ml_collections.ConfigDict(dict(
+      source="json", annotations="", image_root="", tfrecord_pattern="", tfds_name="", data_dir="",
+      split="train", num_train_examples=5_100_000, image_size=image_size, max_len=max_len,
+      tokenizer=dict(kind="wordpiece", path=""), mlm_prob=0.15, patch_mask_ratio=0.0, patch_size=16,
+      synthetic=False))
+
+
+def demo_input(image_size: int, max_len: int, config: str = "default") -> ml_collections.ConfigDict:
+  cfg = pretrain_input(image_size, max_len)
+  cfg.source = "demo"
+  cfg.demo_config = config
+  cfg.num_train_examples = 256 if config == "tiny" else 10_000
+  cfg.tokenizer = dict(kind="sentencepiece", path="")
+  return cfg
+
+
+def with_image_size(cfg: ml_collections.ConfigDict, size: int) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.image_size = size
+  return cfg

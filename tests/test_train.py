@@ -1,0 +1,73 @@
+"""The training loop end to end: TensorBoard events, checkpoints, exports, resume, smaller mesh."""
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import albef
+from vlpjax import checkpoint, train
+
+
+def _synthetic_tiny(steps=4):
+  config = albef.get_config("tiny")
+  config.input.synthetic = True
+  config.total_steps = steps
+  config.checkpoint.every_steps = 2
+  config.eval.every_steps = 0
+  return config
+
+
+def _scalars(workdir, tag):
+  values = {}
+  for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+  return values
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(_synthetic_tiny(), straight)
+  interrupted = str(tmp_path / "interrupted")
+  train.train_and_evaluate(_synthetic_tiny(), interrupted, stop_after=2)
+  assert checkpoint.Checkpointer(checkpoint.checkpoint_dir(interrupted)).latest_step() == 2
+  train.train_and_evaluate(_synthetic_tiny(), interrupted)
+  want = _scalars(straight, "train/loss")
+  got = _scalars(interrupted, "train/loss")
+  assert sorted(want) == [1, 2, 3, 4] and sorted(got) == [1, 2, 3, 4]
+  for step in (3, 4):
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
+  for term in ("train/itc/loss", "train/itm/loss", "train/mlm/loss", "train/learning_rate"):
+    assert _scalars(straight, term), term
+  a = checkpoint.load_params(checkpoint.export_dir(straight, "pretrain"))
+  b = checkpoint.load_params(checkpoint.export_dir(interrupted, "pretrain"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_restore_on_smaller_mesh(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = _synthetic_tiny()
+  config.sharding.mesh = dict(data=4, fsdp=2, tensor=1)
+  config.sharding.rules = "fsdp"
+  train.train_and_evaluate(config, workdir, stop_after=2)
+  config = _synthetic_tiny()
+  config.sharding.mesh = dict(data=2, fsdp=2, tensor=1)  # 4 of the 8 devices
+  config.sharding.rules = "fsdp"
+  out = train.train_and_evaluate(config, workdir)
+  assert out["step"] == 4
+  assert np.isfinite(out["train/loss"])
+
+
+def test_bad_config_key_fails_before_compute(tmp_path):
+  config = _synthetic_tiny()
+  with config.unlocked():
+    config.model.vision.widht = 3
+  with pytest.raises(ValueError, match="widht"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))
+  assert not os.path.exists(tmp_path / "bad" / "checkpoints")

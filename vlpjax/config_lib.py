@@ -1,0 +1,99 @@
+"""Config validation and the step arithmetic derived from a config.
+
+`validate` runs before any compute: an unknown or misspelt key anywhere we own the schema
+fails with a message that names the full key path.
+"""
+import ml_collections
+
+from vlpjax import objectives
+from vlpjax import sharding as sharding_lib
+from vlpjax.models import vlp
+
+TOP_LEVEL = {
+    "seed": "PRNG seed of init, data order and dropout",
+    "batch_size": "global batch size (all processes and devices)",
+    "num_epochs": "training length in epochs (with input.num_train_examples)",
+    "total_steps": "training length in steps (overrides num_epochs when > 0)",
+    "steps_per_epoch": "steps per epoch (overrides input.num_train_examples // batch_size when > 0)",
+    "model": "vlpjax.models.vlp.ModelConfig fields",
+    "objectives": "{name: {weight, ...settings}} of registered objectives",
+    "momentum": "EMA momentum of the teacher",
+    "alpha": "momentum-distillation weight after the ramp",
+    "alpha_ramp_steps": "steps of the linear alpha ramp; -1 = one epoch (ALBEF)",
+    "queue_size": "ITC feature queue length (multiple of batch_size; 0 = no queue)",
+    "optim": "vlpjax.optim.make_optimizer fields",
+    "sharding": "mesh {data, fsdp, tensor} and rules preset",
+    "input": "input_pipeline.builder fields",
+    "eval": "periodic evaluation: every_steps, split, batch_size, k_test",
+    "checkpoint": "every_steps, max_to_keep, async_save",
+    "log_every_steps": "metric logging period",
+    "init_from": "params-only start: path, dont_load regexes",
+    "resume_from": "a checkpoint directory of another run to resume from",
+    "stages": "list of {name, steps, objectives?, freeze?}",
+}
+SECTIONS = {
+    "sharding": {"mesh", "rules"},
+    "eval": {"every_steps", "split", "batch_size", "k_test"},
+    "checkpoint": {"every_steps", "max_to_keep", "async_save"},
+    "init_from": {"path", "dont_load"},
+}
+STAGE_KEYS = {"name", "steps", "objectives", "freeze"}
+
+
+def _check(keys, allowed, where):
+  unknown = sorted(set(keys) - set(allowed))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                     f"allowed in {where}: {sorted(allowed)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad key; runs no JAX computation."""
+  _check(config.keys(), TOP_LEVEL, "config")
+  for section, allowed in SECTIONS.items():
+    if section in config and config[section] is not None and hasattr(config[section], "keys"):
+      _check(config[section].keys(), allowed, f"config.{section}")
+  vlp.ModelConfig.from_config(config.model)
+  for name in config.objectives.keys():
+    if name not in objectives.names():
+      raise ValueError(f"unknown objective config.objectives.{name}; registered: {objectives.names()}")
+  sharding_lib.logical_rules(config.sharding.rules)
+  _check(config.sharding.mesh.keys(), sharding_lib.MESH_AXES, "config.sharding.mesh")
+  for i, stage in enumerate(config.get("stages") or ()):
+    _check(dict(stage).keys(), STAGE_KEYS, f"config.stages[{i}]")
+    for name in (stage.get("objectives") or {}):
+      if name not in objectives.names():
+        raise ValueError(f"unknown objective config.stages[{i}].objectives.{name}")
+  if "input" in config:
+    from input_pipeline import builder  # the builder owns the input schema
+    if hasattr(builder, "validate_config"):
+      builder.validate_config(config.input)
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+  if config.get("steps_per_epoch", 0) > 0:
+    return int(config.steps_per_epoch)
+  examples = int(config.input.get("num_train_examples", 0) or 0)
+  if examples <= 0:
+    raise ValueError("set config.steps_per_epoch or config.input.num_train_examples (epoch-based "
+                     "schedules and the alpha ramp need the epoch length)")
+  return max(1, examples // int(config.batch_size))
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  if config.get("total_steps", 0) > 0:
+    return int(config.total_steps)
+  return int(config.num_epochs) * steps_per_epoch(config)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`"configs/mamo.py:demo"` -> the config, as `--config=` would load it (for scripts and notebooks)."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"vlpjax_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

@@ -1,0 +1,288 @@
+"""The training loop: validate config -> mesh -> data -> abstract state -> restore or init ->
+for each stage: optimizer + jitted step, run, log, evaluate, checkpoint, export params.
+
+Read it top to bottom; each phase is a marked section.
+"""
+import json
+import os
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vlpjax import checkpoint as checkpoint_lib
+from vlpjax import config_lib
+from vlpjax import metrics as metrics_lib
+from vlpjax import optim
+from vlpjax import sharding as sharding_lib
+from vlpjax import state as state_lib
+from vlpjax import step as step_lib
+from vlpjax import synthetic
+from vlpjax.evaluators import retrieval
+from vlpjax.models import vlp
+
+
+def build_model(config: ml_collections.ConfigDict) -> vlp.VLPModel:
+  return vlp.VLPModel(vlp.ModelConfig.from_config(config.model))
+
+
+def stages_of(config: ml_collections.ConfigDict, total_steps: int) -> list[ml_collections.ConfigDict]:
+  """`config.stages` (list of dicts: name, steps, objectives?, freeze?) or one stage of everything."""
+  if not config.get("stages"):
+    return [ml_collections.ConfigDict(dict(name="pretrain", steps=total_steps))]
+  return [ml_collections.ConfigDict(dict(s)) for s in config.stages]
+
+
+def _stage_optim_cfg(config, stage):
+  cfg = ml_collections.ConfigDict(config.optim.to_dict())
+  if stage.get("freeze") is not None:
+    cfg.freeze = tuple(stage.freeze)
+  return cfg
+
+
+def _jsonable(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: Optional[int] = None) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint); returns the last metrics.
+
+  `stop_after` ends the run after that global step with a checkpoint, as a preemption would
+  (the schedule still spans the whole run); the next call resumes from there.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  process_index, process_count = jax.process_index(), jax.process_count()
+
+  # ----------------------------------------------------------------------------- Mesh
+  mesh = sharding_lib.make_mesh(config.sharding.mesh.to_dict())
+  rules = sharding_lib.logical_rules(config.sharding.rules)
+  global_batch = int(config.batch_size)
+  if global_batch % sharding_lib.num_batch_shards(mesh):
+    raise ValueError(f"config.batch_size={global_batch} is not divisible by the {sharding_lib.num_batch_shards(mesh)} "
+                     "batch shards of the mesh")
+  if global_batch % process_count:
+    raise ValueError(f"config.batch_size={global_batch} is not divisible by {process_count} processes")
+  step_lib.check_queue(int(config.queue_size), global_batch)
+  logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, process_count)
+
+  # ----------------------------------------------------------------------------- Model
+  model = build_model(config)
+
+  # ----------------------------------------------------------------------------- Steps
+  steps_per_epoch = config_lib.steps_per_epoch(config)
+  total_steps = config_lib.total_steps(config)
+  stages = stages_of(config, total_steps)
+  total_steps = sum(int(s.steps) for s in stages)
+  alpha_ramp_steps = int(config.alpha_ramp_steps)
+  alpha_ramp_steps = steps_per_epoch if alpha_ramp_steps < 0 else alpha_ramp_steps
+
+  # ----------------------------------------------------------------------------- Writers
+  writer = metrics_lib.create_writer(workdir, process_index=process_index)
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
+                                     max_to_keep=config.checkpoint.max_to_keep,
+                                     save_interval_steps=1,
+                                     async_save=config.checkpoint.get("async_save", True))
+
+  # ----------------------------------------------------------------------------- State
+  abstract_params = nn.unbox(jax.eval_shape(
+      lambda r: model.init({"params": r, "dropout": r}, *vlp.init_inputs(model.config))["params"],
+      jax.random.PRNGKey(0)))
+  stage_txs = []
+  for stage in stages:
+    tx, schedule = optim.make_optimizer(_stage_optim_cfg(config, stage), params=abstract_params,
+                                        total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    stage_txs.append((tx, schedule))
+
+  start_step, meta = 0, {}
+  stage_index = _stage_at(stages, 0)
+  tx, schedule = stage_txs[stage_index]
+  abstract, shardings = state_lib.abstract_state(model, tx, int(config.queue_size), mesh, rules)
+  how = checkpoint_lib.resolve_start(workdir, config.get("resume_from") or None,
+                                     (config.get("init_from") or {}).get("path") or None)
+  if how == "workdir":
+    latest = ckpt.latest_step()
+    stage_index = _stage_at(stages, latest)
+    tx, schedule = stage_txs[stage_index]
+    abstract, shardings = state_lib.abstract_state(model, tx, int(config.queue_size), mesh, rules)
+    state, meta = ckpt.restore(abstract)
+    start_step = int(jax.device_get(state.step))
+    logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+  elif how == "resume":
+    root, resume_step = checkpoint_lib.locate_checkpoint(config.resume_from)
+    stage_index = _stage_at(stages, resume_step)
+    tx, schedule = stage_txs[stage_index]
+    abstract, shardings = state_lib.abstract_state(model, tx, int(config.queue_size), mesh, rules)
+    other = checkpoint_lib.Checkpointer(root, async_save=False)
+    state, meta = other.restore(abstract, resume_step)
+    start_step = int(jax.device_get(state.step))
+    other.close()
+  else:
+    state = state_lib.create_state(model, tx, int(config.queue_size), shardings,
+                                   jax.random.PRNGKey(int(config.seed)))
+    if how == "init_from":
+      state = _init_from(state, config.init_from, shardings)
+  if process_index == 0:
+    logging.info("parameters:\n%s", metrics_lib.parameter_overview(state.params))
+    logging.info("param shardings:\n%s", metrics_lib.sharding_overview(abstract.params))
+
+  # ----------------------------------------------------------------------------- Input
+  train_iter = _train_input(config, mesh, global_batch, start_step, process_index, process_count)
+  eval_fn = _make_eval(config, model)
+
+  # ----------------------------------------------------------------------------- Loop
+  last_metrics: dict[str, Any] = {}
+  progress = metrics_lib.Progress(total_steps, every_steps=config.log_every_steps,
+                                  global_batch=global_batch, start_step=start_step, writer=writer)
+  step = start_step
+  for index in range(stage_index, len(stages)):
+    stage = stages[index]
+    stage_start, stage_end = _stage_bounds(stages, index)
+    if step >= stage_end:
+      continue
+    tx, schedule = stage_txs[index]
+    if index != stage_index or step == stage_start and index > 0:
+      # A new stage may freeze other parameters: fresh optimizer state, same params / EMA / queues.
+      abstract, shardings = state_lib.abstract_state(model, tx, int(config.queue_size), mesh, rules)
+      opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state.params)
+      state = state.replace(opt_state=opt_state)
+    objectives_cfg = stage.get("objectives") or config.objectives
+    train_step = step_lib.make_train_step(model, tx, config, mesh=mesh, rules=rules, state_shardings=shardings,
+                                          schedule=schedule, objectives_cfg=objectives_cfg,
+                                          alpha_ramp_steps=alpha_ramp_steps)
+    first = next(train_iter)
+    t0 = time.time()
+    compiled = train_step.lower(state, first).compile()
+    _log_memory(compiled, time.time() - t0)
+    pending = first
+    logging.info("stage %r: steps %d..%d", stage.name, step, stage_end)
+    while step < stage_end and (stop_after is None or step < stop_after):
+      batch = pending if pending is not None else next(train_iter)
+      pending = None
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      if step % config.log_every_steps == 0 or step == stage_end:
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        scalars.update(train_iter.stats() if hasattr(train_iter, "stats") else {})
+        metrics_lib.check_finite(scalars, step)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        last_metrics.update({f"train/{k}": v for k, v in scalars.items()})
+        progress(step, scalars)
+      if ckpt_due(config, step, stage_end) or step == stop_after:
+        ckpt.save(step, state, dict(stage=stage.name, step=step, config=_jsonable(config)),
+                  force=step in (stage_end, stop_after))
+      if eval_fn is not None and (step % config.eval.every_steps == 0 or step == total_steps):
+        results = eval_fn(state)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        last_metrics.update({f"eval/{k}": v for k, v in results.items()})
+        logging.info("step %d eval: %s", step, _fmt(results))
+    ckpt.wait()
+    if step < stage_end:
+      break
+    checkpoint_lib.export_params(state.params, checkpoint_lib.export_dir(workdir, stage.name))
+
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  if hasattr(train_iter, "close"):
+    train_iter.close()
+  last_metrics["step"] = step
+  return last_metrics
+
+
+def ckpt_due(config, step: int, stage_end: int) -> bool:
+  every = int(config.checkpoint.every_steps)
+  return step == stage_end or (every > 0 and step % every == 0)
+
+
+def _stage_bounds(stages, index):
+  start = sum(int(s.steps) for s in stages[:index])
+  return start, start + int(stages[index].steps)
+
+
+def _stage_at(stages, step: int) -> int:
+  for index in range(len(stages)):
+    if step < _stage_bounds(stages, index)[1]:
+      return index
+  return len(stages) - 1
+
+
+def _fmt(results: dict) -> str:
+  return ", ".join(f"{k}={v:.2f}" for k, v in sorted(results.items()))
+
+
+def _log_memory(compiled, seconds: float):
+  try:
+    mem = compiled.memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+    logging.info("train step compiled in %.1fs; per-device memory %.2f GiB (args %.2f, temp %.2f)",
+                 seconds, total / 2**30, mem.argument_size_in_bytes / 2**30, mem.temp_size_in_bytes / 2**30)
+  except (AttributeError, NotImplementedError, TypeError):
+    logging.info("train step compiled in %.1fs", seconds)
+
+
+def _init_from(state, init_from: ml_collections.ConfigDict, shardings):
+  """Params-only start for finetuning: load what matches, keep fresh init for the rest."""
+  loaded = checkpoint_lib.load_params(init_from.path)
+  params, report = checkpoint_lib.partial_restore(jax.device_get(state.params), loaded,
+                                                  dont_load=tuple(init_from.get("dont_load", ())))
+  logging.info("init_from %s:\n%s", init_from.path, checkpoint_lib.format_report(report))
+  params = jax.device_put(params, shardings.params)
+  ema = jax.device_put(jax.tree.map(np.copy, jax.device_get(params)), shardings.ema_params)
+  return state.replace(params=params, ema_params=ema)
+
+
+class _GlobalIterator:
+  """Wraps a host iterator of local numpy batches into global jax.Arrays on the mesh."""
+
+  def __init__(self, host_iter, mesh):
+    from input_pipeline import device as device_lib  # TensorFlow is imported only with real input
+    self._it = device_lib.prefetch_to_device(host_iter, 2, mesh)
+    self._host = host_iter
+
+  def __next__(self):
+    return next(self._it)
+
+  def __iter__(self):
+    return self
+
+  def stats(self):
+    return self._host.stats() if hasattr(self._host, "stats") else {}
+
+  def close(self):
+    if hasattr(self._host, "close"):
+      self._host.close()
+
+
+def _train_input(config, mesh, global_batch, start_step, process_index, process_count):
+  if config.input.get("synthetic", False):
+    return synthetic.SyntheticIterator(config, mesh, global_batch, seed=int(config.seed), start_step=start_step)
+  from input_pipeline import builder
+  host_iter = builder.make_train_iterator(config.input, global_batch_size=global_batch, seed=int(config.seed),
+                                          start_step=start_step, process_index=process_index,
+                                          process_count=process_count)
+  return _GlobalIterator(host_iter, mesh)
+
+
+def _make_eval(config, model) -> Optional[Any]:
+  """Zero-shot retrieval on the held-out split, or None when eval is off."""
+  if not config.eval.get("every_steps") or config.input.get("synthetic", False):
+    return None
+  from input_pipeline import builder
+
+  def run(state):
+    # Every process embeds the whole (small) eval split, so the scores need no gathering.
+    data = builder.make_eval_dataset(config.input, split=config.eval.split, batch_size=config.eval.batch_size,
+                                     process_index=0, process_count=1)
+    params = state.params
+    return retrieval.evaluate(model, params, data.image_batches(), data.text_batches(), data.txt2img,
+                              data.img2txt, k_test=int(config.eval.get("k_test", 0)))
+
+  return run
+
