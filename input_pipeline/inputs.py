@@ -13,7 +13,7 @@ def pretrain_input(image_size: int = 256, max_len: int = 25) -> ml_collections.C
       source="json", annotations="", image_root="", tfrecord_pattern="", tfds_name="", data_dir="",
       split="train", num_train_examples=5_100_000, image_size=image_size, max_len=max_len,
       tokenizer=dict(kind="wordpiece", path=""), mlm_prob=0.15, patch_mask_ratio=0.0, patch_size=16,
-      synthetic=False))
+      patch_mask_strategy="random", pp="", shuffle_buffer=10_000, synthetic=False))
 
 
 def demo_input(image_size: int, max_len: int, config: str = "default") -> ml_collections.ConfigDict:
@@ -22,10 +22,16 @@ def demo_input(image_size: int, max_len: int, config: str = "default") -> ml_col
   cfg.demo_config = config
   cfg.num_train_examples = 256 if config == "tiny" else 10_000
   cfg.tokenizer = dict(kind="sentencepiece", path="")
+  # The demo captions state left/right relations and object sizes, so no flip and only mild
+  # crops: ALBEF's pretraining augmentation would make many captions false.
+  cfg.pp = (f"decode|random_resized_crop({image_size}, scale=(0.85, 1.0))|normalize('clip')"
+            f"|choose_caption|clean_caption(30)|tokenize({max_len})")
   return cfg
 
 
 def with_image_size(cfg: ml_collections.ConfigDict, size: int) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if cfg.pp:
+    cfg.pp = cfg.pp.replace(f"crop({cfg.image_size}", f"crop({size}")
   cfg.image_size = size
   return cfg

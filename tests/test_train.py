@@ -71,3 +71,24 @@ def test_bad_config_key_fails_before_compute(tmp_path):
   with pytest.raises(ValueError, match="widht"):
     train.train_and_evaluate(config, str(tmp_path / "bad"))
   assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_resume_on_demo_data_sees_the_same_batches(tmp_path, monkeypatch):
+  monkeypatch.setenv("VLPJAX_DATA_DIR", str(tmp_path / "data"))
+
+  def config():
+    c = albef.get_config("tiny")
+    c.eval.every_steps = 0
+    c.total_steps = 3
+    return c
+
+  train.train_and_evaluate(config(), str(tmp_path / "straight"))
+  train.train_and_evaluate(config(), str(tmp_path / "resumed"), stop_after=1)
+  meta = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path / "resumed"))).read_meta()
+  assert meta["data"]["data_position"] == 16  # one batch of 16 consumed, none skipped
+  train.train_and_evaluate(config(), str(tmp_path / "resumed"))
+  want = _scalars(str(tmp_path / "straight"), "train/loss")
+  got = _scalars(str(tmp_path / "resumed"), "train/loss")
+  for step in (2, 3):
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
+  assert _scalars(str(tmp_path / "straight"), "train/data_skipped")

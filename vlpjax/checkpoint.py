@@ -217,9 +217,14 @@ def export_params(params, directory):
 
 
 def _params_location(path: epath.Path) -> tuple[epath.Path, str | None]:
-  """(PyTree checkpoint dir, key of the params subtree or None for the whole tree)."""
+  """(PyTree checkpoint dir, key of the params subtree or None for the whole tree).
+
+  A `python -m vlpjax.convert` output directory holds its params in `<dir>/params`.
+  """
   if (path / "_METADATA").exists():
     return path, None
+  if (path / "params" / "_METADATA").exists():
+    return path / "params", None
   root, step = locate_checkpoint(path)
   return root / str(step) / _STATE, "params"
 
@@ -228,8 +233,9 @@ def load_params(path) -> dict:
   """Reads params to host memory from an export or from a train checkpoint.
 
   Args:
-    path: an `export_params` directory, a train checkpoint step directory (its `state/params`
-      is read, not the optimizer state), or a checkpoints root (its latest step).
+    path: an `export_params` directory, a converter output directory (its `params`), a train
+      checkpoint step directory (its `state/params` is read, not the optimizer state), or a
+      checkpoints root (its latest step).
 
   Returns:
     A nested dict of `np.ndarray`.

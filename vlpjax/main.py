@@ -36,8 +36,18 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO records of Orbax and TFDS internals: per-file save/restore chatter."""
+
+  def filter(self, record):
+    if record.levelno >= logging.logging.WARNING:
+      return True
+    return not any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/", "/jax/_src/"))
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Validate before TensorFlow or JAX touch any device: a bad key fails in milliseconds.
   from vlpjax import config_lib
   config_lib.validate(FLAGS.config)

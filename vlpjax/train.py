@@ -132,7 +132,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("param shardings:\n%s", metrics_lib.sharding_overview(abstract.params))
 
   # ----------------------------------------------------------------------------- Input
-  train_iter = _train_input(config, mesh, global_batch, start_step, process_index, process_count)
+  # Positions are per process and the meta JSON is written by process 0 only: with several
+  # processes the iterator replays up to the step instead (exact, slower).
+  start_position = (meta.get("data") or {}).get("data_position") if process_count == 1 else None
+  train_iter = _train_input(config, mesh, global_batch, start_step, start_position, process_index, process_count)
   eval_fn = _make_eval(config, model)
 
   # ----------------------------------------------------------------------------- Loop
@@ -174,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_metrics.update({f"train/{k}": v for k, v in scalars.items()})
         progress(step, scalars)
       if ckpt_due(config, step, stage_end) or step == stop_after:
-        ckpt.save(step, state, dict(stage=stage.name, step=step, config=_jsonable(config)),
+        data_state = train_iter.state() if hasattr(train_iter, "state") else {}
+        ckpt.save(step, state, dict(stage=stage.name, step=step, data=data_state, config=_jsonable(config)),
                   force=step in (stage_end, stop_after))
       if eval_fn is not None and (step % config.eval.every_steps == 0 or step == total_steps):
         results = eval_fn(state)
@@ -253,19 +257,24 @@ class _GlobalIterator:
     return self
 
   def stats(self):
-    return self._host.stats() if hasattr(self._host, "stats") else {}
+    return self._it.stats()
+
+  def state(self):
+    """Data position of the batch last returned (not of the batches prefetched ahead)."""
+    return self._it.state()
 
   def close(self):
     if hasattr(self._host, "close"):
       self._host.close()
 
 
-def _train_input(config, mesh, global_batch, start_step, process_index, process_count):
+def _train_input(config, mesh, global_batch, start_step, start_position, process_index, process_count):
   if config.input.get("synthetic", False):
     return synthetic.SyntheticIterator(config, mesh, global_batch, seed=int(config.seed), start_step=start_step)
   from input_pipeline import builder
   host_iter = builder.make_train_iterator(config.input, global_batch_size=global_batch, seed=int(config.seed),
-                                          start_step=start_step, process_index=process_index,
+                                          start_step=start_step, start_position=start_position,
+                                          process_index=process_index,
                                           process_count=process_count)
   return _GlobalIterator(host_iter, mesh)
 

@@ -1,0 +1,181 @@
+"""ALBEF and ViCHA PyTorch checkpoints (METHODS.md §1.5, §2.5).
+
+Online modules go to `params/`, their `_m` momentum mirrors to `ema_params/` (the EMA tree has
+the structure of the params; modules without a mirror, `itm_head` and `temp`, copy the online
+value). A checkpoint without any `_m` key (released fine-tuned files) gets EMA = online.
+
+ALBEF key                                       -> vlpjax leaf
+  visual_encoder.*  (timm ViT)                  -> vision/*  (see vit.py)
+  text_encoder.bert.embeddings.*                -> text/embeddings/*  (see bert.py)
+  text_encoder.bert.encoder.layer.N (N < F)     -> text/layer_N  (F: first layer with crossattention, 6)
+  text_encoder.bert.encoder.layer.N (N >= F)    -> fusion/layer_{N-F}  (+ crossattention)
+  text_encoder.cls.predictions.*                -> mlm_head/*  (decoder tied to the word embedding)
+  vision_proj / text_proj                       -> vision_proj/proj/dense, text_proj/proj/dense
+  itm_head, temp                                -> itm_head/dense, temp
+  image_queue / text_queue [256, Q]             -> queues image / text [Q, 256] (transposed)
+  queue_ptr [1], idx_queue [1, Q]               -> queues ptr (int32 scalar), idx [Q] (int32, empty = -1)
+Downstream files name the text encoder `text_encoder.` (a BertModel); it is read as `text_encoder.bert.`.
+
+ViCHA adds (leaves outside today's VLPModel are kept under these names for the ViCHA model):
+  kw_encoder.* (2-layer BertModel)              -> concept_encoder/{embeddings, layer_N}
+  kw_proj                                       -> concept_proj/dense
+  vision_proj_hidden.L                          -> vision_proj_hidden_L/proj/dense
+  text_proj_hidden.L                            -> text_proj_hidden_L/proj/dense
+  decoder_embed, decoder_pos_embed              -> mae_decoder/embed/dense, mae_decoder/pos_embedding
+  decoder_blocks.N (timm blocks), decoder_norm  -> mae_decoder/block_N/*, mae_decoder/norm/norm
+  mask_token, mae_proj                          -> mae_decoder/mask_token, mae_decoder/pred/dense
+"""
+import re
+from typing import Mapping
+
+import numpy as np
+
+from vlpjax.convert import bert, mapping, vit
+
+ONLINE, MOMENTUM = ("", "params"), ("_m", "ema_params")
+# Modules ALBEF keeps a momentum copy of; ViCHA adds the concept encoder and its projection.
+MOMENTUM_MODULES = ("visual_encoder", "text_encoder", "vision_proj", "text_proj")
+VICHA_MOMENTUM_MODULES = ("kw_encoder", "kw_proj")
+_TEXT_EMBEDDING_NAMES = r"(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm|position_ids)"
+
+
+def canonical_key(key: str) -> str:
+  """One name per parameter: `text_encoder[_m].bert.*`, `kw_encoder[_m].embeddings.*`, and
+  LayerNorm `weight` / `bias` for the old `gamma` / `beta`."""
+  key = bert.canonical_layer_norm_key(key)
+  key = re.sub(r"^(text_encoder(?:_m)?)\.(?!bert\.|cls\.)", r"\1.bert.", key)
+  key = re.sub(r"^(kw_encoder(?:_m)?)\.bert\.", r"\1.", key)
+  # ViCHA with num_hidden_layers_kw = 0 uses a bare BertEmbeddings as kw_encoder.
+  return re.sub(rf"^(kw_encoder(?:_m)?)\.{_TEXT_EMBEDDING_NAMES}\b", r"\1.embeddings.\2", key)
+
+
+def _has(keys, prefix: str) -> bool:
+  return any(k.startswith(prefix) for k in keys)
+
+
+def _queue_entries(keys) -> list[mapping.Entry]:
+  entries = []
+  if {"image_queue", "text_queue", "queue_ptr"} & keys:
+    for name in ("image", "text"):
+      entries.append(mapping.Entry(f"{name}_queue", lambda x, n=name: {
+          f"queues/{n}": np.ascontiguousarray(x.T, dtype=np.float32)}))
+    entries.append(mapping.Entry("queue_ptr", lambda x: {
+        "queues/ptr": np.asarray(x.reshape(-1)[0], np.int32)}))
+  if "idx_queue" in keys:
+    # ALBEF marks empty slots with -100, vlpjax with -1; image ids are never negative.
+    entries.append(mapping.Entry("idx_queue", lambda x: {
+        "queues/idx": np.where(x.reshape(-1) < 0, -1, x.reshape(-1)).astype(np.int32)}))
+  return entries
+
+
+def _tower_layout(keys, suffix: str, root: str, *, depth: int, grid: int, bert_layers: int,
+                  fusion_start: int, has_mlm: bool, vicha: bool) -> mapping.Layout:
+  """The online (suffix '') or momentum (suffix '_m') copy of every module that has one."""
+  entries = vit.timm_vit(f"visual_encoder{suffix}.", f"{root}/vision", depth, grid)
+  text = f"text_encoder{suffix}.bert."
+  entries += bert.embeddings(f"{text}embeddings", f"{root}/text/embeddings")
+  for i in range(bert_layers):
+    if i < fusion_start:
+      entries += bert.layer(f"{text}encoder.layer.{i}", f"{root}/text/layer_{i}", cross_attention=False)
+    else:
+      entries += bert.layer(f"{text}encoder.layer.{i}", f"{root}/fusion/layer_{i - fusion_start}",
+                            cross_attention=True)
+  layout = mapping.Layout(entries=entries)
+  if has_mlm:
+    layout.extend(bert.mlm_head(f"text_encoder{suffix}.cls.predictions", f"{root}/mlm_head",
+                                f"{text}embeddings.word_embeddings.weight"))
+  for proj in ("vision_proj", "text_proj"):
+    if _has(keys, f"{proj}."):
+      layout.entries += mapping.linear(f"{proj}{suffix}", f"{root}/{proj}/proj/dense")
+  if vicha and _has(keys, "kw_encoder."):
+    concept = f"kw_encoder{suffix}."
+    layout.entries += bert.embeddings(f"{concept}embeddings", f"{root}/concept_encoder/embeddings")
+    for i in range(bert.num_layers(keys, "kw_encoder.")):
+      layout.entries += bert.layer(f"{concept}encoder.layer.{i}", f"{root}/concept_encoder/layer_{i}",
+                                   cross_attention=False)
+  if vicha and _has(keys, "kw_proj."):
+    layout.entries += mapping.linear(f"kw_proj{suffix}", f"{root}/concept_proj/dense")
+  return layout
+
+
+def _vicha_online_entries(keys, grid: int) -> list[mapping.Entry]:
+  """Hierarchical-alignment heads and the MAE branch (no momentum copies)."""
+  entries = []
+  for side in ("vision", "text"):
+    for level in mapping.layer_indices(keys, rf"{side}_proj_hidden\.(\d+)\."):
+      entries += mapping.linear(f"{side}_proj_hidden.{level}",
+                                f"params/{side}_proj_hidden_{level}/proj/dense")
+  if _has(keys, "decoder_"):
+    entries += mapping.linear("decoder_embed", "params/mae_decoder/embed/dense")
+    # A fixed 2-D sin-cos table in ViCHA; resampled like the ViT's so it matches the new grid.
+    entries.append(vit.pos_embedding_entry("decoder_pos_embed", "params/mae_decoder/pos_embedding", grid))
+    for i in range(vit.timm_depth(keys, "decoder_")):
+      entries += vit.timm_block(f"decoder_blocks.{i}", f"params/mae_decoder/block_{i}")
+    entries += mapping.layer_norm("decoder_norm", "params/mae_decoder/norm/norm")
+  if {"mask_token", "mae_proj.weight"} & keys:
+    entries.append(mapping.copy("mask_token", "params/mae_decoder/mask_token"))
+    entries += mapping.linear("mae_proj", "params/mae_decoder/pred/dense")
+  return entries
+
+
+def plan_albef(state_dict: Mapping[str, np.ndarray], target=None, *, image_res: int | None = None,
+               vicha: bool = False, **unused) -> mapping.Plan:
+  """Plans an ALBEF (or, with `vicha`, ViCHA) pretraining or downstream state dict.
+
+  Which optional modules are expected follows the keys present: the MLM head, ITM head,
+  projections, queues, ViCHA's parts, and the momentum mirrors (all of them once any `_m` key
+  exists). Within a module every key is expected. The layer split and widths come from the
+  file; the importer checks them against `target`.
+  """
+  del target, unused
+  sd, origin = mapping.canonicalize(state_dict, canonical_key)
+  keys = set(sd)
+  text = "text_encoder.bert."
+  if "visual_encoder.pos_embed" not in keys or f"{text}embeddings.word_embeddings.weight" not in keys:
+    raise ValueError("not an ALBEF/ViCHA state dict: it needs 'visual_encoder.pos_embed' and "
+                     "'text_encoder.bert.embeddings.word_embeddings.weight' "
+                     f"(first keys: {sorted(keys)[:5]})")
+  depth = vit.timm_depth(keys, "visual_encoder.")
+  bert_layers = bert.num_layers(keys, text)
+  fusion_start = bert.first_cross_attention_layer(keys, text)
+  fusion_start = bert_layers if fusion_start is None else fusion_start
+  vision_cfg = vit.vision_config_from(
+      sd, pos_key="visual_encoder.pos_embed", patch_key="visual_encoder.patch_embed.proj.weight",
+      fc1_key="visual_encoder.blocks.0.mlp.fc1.weight", depth=depth, image_res=image_res)
+  grid = vision_cfg["image_size"] // vision_cfg["patch_size"]
+  has_mlm = _has(keys, "text_encoder.cls.")
+  momentum_modules = MOMENTUM_MODULES + (VICHA_MOMENTUM_MODULES if vicha else ())
+  has_momentum = any(_has(keys, f"{module}_m.") for module in momentum_modules)
+
+  layout = mapping.Layout(ignored=list(bert.IGNORED_BERT))
+  for suffix, root in (ONLINE, MOMENTUM) if has_momentum else (ONLINE,):
+    layout.extend(_tower_layout(keys, suffix, root, depth=depth, grid=grid, bert_layers=bert_layers,
+                                fusion_start=fusion_start, has_mlm=has_mlm, vicha=vicha))
+  if _has(keys, "itm_head."):
+    layout.entries += mapping.linear("itm_head", "params/itm_head/dense")
+  # A 0-d parameter in ALBEF; accept a [1] tensor as well.
+  layout.entries.append(mapping.Entry("temp", lambda x: {
+      "params/temp": np.asarray(x, np.float32).reshape(())}))
+  layout.entries += _queue_entries(keys)
+  if vicha:
+    layout.entries += _vicha_online_entries(keys, grid)
+
+  heads = ["itc"] + (["itm"] if _has(keys, "itm_head.") else []) + (["mlm"] if has_mlm else [])
+  embed_dim = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in keys else 256
+  model_config = dict(
+      vision=vision_cfg,
+      text=bert.text_config_from(sd, text, fusion_start, bert_layers - fusion_start),
+      fusion="cross", embed_dim=int(embed_dim), heads=heads)
+  notes = vit.resample_note(sd, "visual_encoder.pos_embed", grid)
+  if not has_momentum:
+    notes.append("no momentum (_m) weights: EMA params synthesised as a copy of the online params")
+  if _has(keys, "image_queue") and "idx_queue" not in keys:
+    notes.append("no idx_queue: queue ids set to -1 (empty)")
+  return mapping.Plan(layout=layout, state_dict=sd, origin=origin, model_config=model_config,
+                      scope=("vision", "text", "fusion", "vision_proj", "text_proj", "itm_head",
+                             "mlm_head", "temp"),
+                      momentum="checkpoint" if has_momentum else "synthesised", notes=notes)
+
+
+def plan_vicha(state_dict, target=None, **options) -> mapping.Plan:
+  return plan_albef(state_dict, target, vicha=True, **options)
