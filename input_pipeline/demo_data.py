@@ -463,8 +463,12 @@ def build_demo(data_dir: str | None = None,
   builder = VlpjaxDemo(config=config, data_dir=data_dir)
   if not builder.is_prepared():
     with _build_lock(data_dir, builder.builder_config.name):
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      # Another process may have built it while this one waited for the lock: look again.
+      builder = VlpjaxDemo(config=config, data_dir=data_dir)
+      if not builder.is_prepared():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    builder = VlpjaxDemo(config=config, data_dir=data_dir)  # reads the finished split metadata
   return builder
 
 

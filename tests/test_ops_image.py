@@ -168,6 +168,20 @@ def test_fused_crop_equals_decode_then_crop():
         assert difference[:-1, :-1].max() <= 1 and difference.mean() < 0.2
 
 
+def test_cheap_crop_kernels_stay_close():
+  """method='bilinear' is PIL's antialiased bilinear; the fast IDCT moves pixels a little."""
+  expected = np.asarray(Image.fromarray(SCENE).resize((20, 16), Image.BILINEAR)).astype(int)
+  out = registry.get_op("resize((16, 20), method='bilinear')")({"image": tf.constant(SCENE)})
+  assert np.abs(out["image"].numpy().astype(int) - expected).mean() < 0.5
+  for seed in range(3):
+    example = _seeded({"image": tf.constant(JPEG)}, seed)
+    accurate = registry.get_op("decode_random_resized_crop(24)")(dict(example))["image"]
+    fast = registry.get_op("decode_random_resized_crop(24, dct_method='INTEGER_FAST')")(
+        dict(example))["image"]
+    difference = np.abs(accurate.numpy().astype(int) - fast.numpy().astype(int))
+    assert difference.max() <= 8 and difference.mean() < 1.0
+
+
 def test_resize_matches_pil_bicubic():
   expected = np.asarray(Image.fromarray(SCENE).resize((20, 16), Image.BICUBIC)).astype(int)
   out = registry.get_op("resize((16, 20))")({"image": tf.constant(SCENE)})["image"].numpy()
@@ -250,6 +264,31 @@ def test_affine_matches_numpy_reference(matrix):
   assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("shear", [0.21, -0.21, 0.9, -1.3])
+def test_shears_match_numpy_reference(shear):
+  out_x = ops_image.shear_x(tf.constant(SMALL), shear, fill=128).numpy()
+  out_y = ops_image.shear_y(tf.constant(SMALL), shear, fill=128).numpy()
+  expected_x = _affine_reference(SMALL, [[1, shear, 0], [0, 1, 0]], 128)
+  expected_y = _affine_reference(SMALL, [[1, 0, 0], [shear, 1, 0]], 128)
+  assert np.abs(out_x.astype(int) - expected_x.astype(int)).max() <= 1
+  assert np.abs(out_y.astype(int) - expected_y.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("dx,dy", [(7, 0), (-7, 0), (0, 7), (0, -7), (3, -5), (30, 0), (0, 0)])
+def test_integer_translation_equals_the_reference_exactly(dx, dy):
+  out = ops_image.translate_pixels(tf.constant(SMALL), tf.constant(dx), tf.constant(dy),
+                                   fill=128).numpy()
+  np.testing.assert_array_equal(out, _affine_reference(SMALL, [[1, 0, dx], [0, 1, dy]], 128))
+
+
+def test_autocontrast_matches_pil_on_varied_ranges():
+  rng = np.random.default_rng(2)
+  for low, high in ((0, 256), (0, 2), (17, 18), (100, 256), (3, 251)):
+    image = rng.integers(low, high, (24, 28, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(ops_image.autocontrast(tf.constant(image)).numpy(),
+                                  np.asarray(ImageOps.autocontrast(Image.fromarray(image))))
+
+
 def test_rotation_matrix_is_cv2s():
   np.testing.assert_allclose(ops_image.rotation_matrix(18, 22, 21.0).numpy(),
                              _rotation_reference(18, 22, 21.0), atol=1e-5)
@@ -268,6 +307,8 @@ def test_translate_moves_content():
     ("AutoContrast", lambda image, sign: ops_image.autocontrast(image)),
     ("Equalize", lambda image, sign: ops_image.equalize(image)),
     ("ShearX", lambda image, sign: ops_image.affine(image, [[1, sign * 0.21, 0], [0, 1, 0]])),
+    ("ShearY", lambda image, sign: ops_image.affine(image, [[1, 0, 0], [sign * 0.21, 1, 0]])),
+    ("TranslateX", lambda image, sign: ops_image.affine(image, [[1, 0, -sign * 7], [0, 1, 0]])),
     ("TranslateY", lambda image, sign: ops_image.affine(image, [[1, 0, 0], [0, 1, -sign * 7]])),
     ("Rotate", lambda image, sign: ops_image.affine(
         image, _rotation_reference(18, 22, sign * 21))),
@@ -283,7 +324,7 @@ def test_randaug_single_op_levels(name, reference):
                          reference(tf.constant(SMALL), sign).numpy().astype(int)).max() <= 1]
     assert matches, name
     outcomes.update(matches)
-  if name in ("ShearX", "TranslateY", "Rotate"):
+  if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
     assert outcomes == {1, -1}  # both directions occur
 
 
