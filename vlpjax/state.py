@@ -28,7 +28,13 @@ class TrainState:
 
 
 def init_queues(rng: jax.Array, queue_size: int, embed_dim: int) -> dict:
-  """ALBEF initialises the feature queues with random unit vectors; ids start empty (-1)."""
+  """ALBEF initialises the feature queues with random unit vectors; ids start empty (-1).
+
+  Without a queue only the pointer is kept (Orbax cannot save zero-size arrays); the Context
+  then presents empty [0, E] queues to the objectives.
+  """
+  if queue_size == 0:
+    return dict(ptr=jnp.zeros((), jnp.int32))
   image_rng, text_rng = jax.random.split(rng)
   return dict(
       image=layers.l2_normalize(jax.random.normal(image_rng, (queue_size, embed_dim))),

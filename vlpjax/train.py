@@ -232,14 +232,59 @@ def _log_memory(compiled, seconds: float):
 
 
 def _init_from(state, init_from: ml_collections.ConfigDict, shardings):
-  """Params-only start for finetuning: load what matches, keep fresh init for the rest."""
-  loaded = checkpoint_lib.load_params(init_from.path)
-  params, report = checkpoint_lib.partial_restore(jax.device_get(state.params), loaded,
-                                                  dont_load=tuple(init_from.get("dont_load", ())))
-  logging.info("init_from %s:\n%s", init_from.path, checkpoint_lib.format_report(report))
-  params = jax.device_put(params, shardings.params)
-  ema = jax.device_put(jax.tree.map(np.copy, jax.device_get(params)), shardings.ema_params)
-  return state.replace(params=params, ema_params=ema)
+  """Finetuning start: params from `init_from.path` where they match, fresh init for the rest.
+
+  Also taken from the source when it has them (a `python -m vlpjax.convert` directory with
+  `ema_params` / `queues.npz`, or a train checkpoint): the EMA params (leaves the source lacks
+  follow the online params; without EMA params the EMA is a copy of the params) and the ITC
+  feature queues when their shapes match this run's. Queue ids restart empty (-1) and the write
+  pointer at 0: ids name images of the source's data (ALBEF starts a new idx_queue), and the
+  pointer must be a multiple of this run's batch.
+  """
+  path = init_from.path
+  dont_load = tuple(init_from.get("dont_load", ()))
+  params, report = checkpoint_lib.partial_restore(jax.device_get(state.params), checkpoint_lib.load_params(path),
+                                                  dont_load=dont_load)
+  logging.info("init_from %s:\n%s", path, checkpoint_lib.format_report(report))
+
+  ema_dir = os.path.join(path, "ema_params")
+  queues_file = os.path.join(path, "queues.npz")
+  source_ema, source_queues = None, None
+  if os.path.isdir(ema_dir):
+    source_ema = checkpoint_lib.load_params(ema_dir)
+  elif not os.path.isdir(os.path.join(path, "params")) and not os.path.exists(os.path.join(path, "_METADATA")):
+    # A train checkpoint: its state holds the EMA params and the queues next to the params.
+    import orbax.checkpoint as ocp
+    root, step = checkpoint_lib.locate_checkpoint(path)
+    location = root / str(step) / "state"
+    tree = ocp.PyTreeCheckpointer().metadata(location).item_metadata.tree
+    wanted = {k: tree[k] for k in ("ema_params", "queues") if k in tree}
+    restored = ocp.PyTreeCheckpointer().restore(location, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+        partial_restore=True))
+    source_ema, source_queues = restored.get("ema_params"), restored.get("queues")
+  if os.path.isfile(queues_file):
+    with np.load(queues_file) as f:
+      source_queues = {k: f[k] for k in f.files}
+
+  ema = jax.tree.map(np.copy, params)
+  if source_ema is not None:
+    ema, ema_report = checkpoint_lib.partial_restore(params, source_ema, dont_load=dont_load)
+    logging.info("init_from %s EMA params: %s", path, checkpoint_lib.format_report(ema_report).splitlines()[0])
+  queues = state.queues
+  if source_queues is not None and "image" in state.queues:
+    shapes_match = all(k in source_queues and np.shape(source_queues[k]) == tuple(state.queues[k].shape)
+                       for k in ("image", "text"))
+    if shapes_match:
+      queues = dict(state.queues, image=source_queues["image"], text=source_queues["text"],
+                    idx=np.full(state.queues["idx"].shape, -1, np.int32), ptr=np.zeros((), np.int32))
+      queues = jax.device_put(jax.tree.map(lambda q, like: np.asarray(q, like.dtype), queues, state.queues),
+                              shardings.queues)
+    logging.info("init_from %s queues: %s (source %s, this run %s)", path, "loaded" if shapes_match else "kept fresh",
+                 {k: tuple(np.shape(v)) for k, v in source_queues.items()},
+                 {k: tuple(v.shape) for k, v in state.queues.items()})
+  return state.replace(params=jax.device_put(params, shardings.params),
+                       ema_params=jax.device_put(ema, shardings.ema_params), queues=queues)
 
 
 class _GlobalIterator:

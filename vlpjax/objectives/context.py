@@ -77,6 +77,10 @@ class Context:
   def __init__(self, *, model, params, ema_params, queues, batch, rng, step, alpha, num_groups,
                cfg: Optional[ml_collections.ConfigDict] = None):
     self.batch = batch
+    if "image" not in queues:
+      dim = model.config.embed_dim
+      queues = dict(queues, image=jnp.zeros((0, dim), jnp.float32), text=jnp.zeros((0, dim), jnp.float32),
+                    idx=jnp.zeros((0,), jnp.int32))
     self.queues = queues
     self.step = step
     self.alpha = alpha
