@@ -29,15 +29,18 @@ import tensorflow as tf
 from input_pipeline import ops_image
 from input_pipeline import sources
 
-_ANNOTATIONS = flags.DEFINE_list("annotations", None, "ALBEF/ViCHA JSON files (comma-separated).")
-_IMAGE_ROOT = flags.DEFINE_string("image_root", "", "Folder the JSON image paths are relative to.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output folder for the shards and manifest.json.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of TFRecord shards.")
-_PATH_STRIP = flags.DEFINE_integer("path_strip", 0, "Leading path components to drop from "
-                                   "each JSON image path (ViCHA JSONs: 4).")
-_VERIFY = flags.DEFINE_bool("verify_images", True, "Decode every image once and skip bad ones.")
-_WORKERS = flags.DEFINE_integer("workers", 8, "Threads reading and verifying images.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace shards already in --output.")
+if __name__ == "__main__":
+  # Flags exist only when this module is the program, so importing it (tests, notebooks)
+  # never clashes with another entry point's flags.
+  _ANNOTATIONS = flags.DEFINE_list("annotations", None, "ALBEF/ViCHA JSON files (comma-separated).")
+  _IMAGE_ROOT = flags.DEFINE_string("image_root", "", "Folder the JSON image paths are relative to.")
+  _OUTPUT = flags.DEFINE_string("output", None, "Output folder for the shards and manifest.json.")
+  _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of TFRecord shards.")
+  _PATH_STRIP = flags.DEFINE_integer("path_strip", 0, "Leading path components to drop from "
+                                     "each JSON image path (ViCHA JSONs: 4).")
+  _VERIFY = flags.DEFINE_bool("verify_images", True, "Decode every image once and skip bad ones.")
+  _WORKERS = flags.DEFINE_integer("workers", 8, "Threads reading and verifying images.")
+  _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace shards already in --output.")
 
 _CHUNK = 256
 _MAX_LISTED_SKIPS = 100

@@ -10,7 +10,8 @@ DEMO_VOCAB_SIZE = 128
 def pretrain_input(image_size: int = 256, max_len: int = 25) -> ml_collections.ConfigDict:
   """Real data by path: ALBEF JSON + image root, TFRecord glob, or a TFDS name."""
   return ml_collections.ConfigDict(dict(
-      source="json", annotations="", image_root="", tfrecord_pattern="", tfds_name="", data_dir="",
+      source="json", annotations="", eval_annotations="", image_root="", tfrecord_pattern="",
+      eval_tfrecord_pattern="", tfds_name="", data_dir="",
       split="train", num_train_examples=5_100_000, image_size=image_size, max_len=max_len,
       tokenizer=dict(kind="wordpiece", path=""), mlm_prob=0.15, patch_mask_ratio=0.0, patch_size=16,
       patch_mask_strategy="random", pp="", shuffle_buffer=10_000, synthetic=False))

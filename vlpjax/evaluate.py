@@ -21,11 +21,14 @@ from typing import Any, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:ARG`.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Optional directory for the JSON results and TensorBoard scalars.")
-flags.DEFINE_string("output", None, "Optional JSON results path (default <workdir>/retrieval_<split>.json).")
-flags.mark_flags_as_required(["config"])
-FLAGS = flags.FLAGS
+if __name__ == "__main__":
+  # Flags exist only when this module is the program, so importing it (tests, notebooks)
+  # never clashes with another entry point's flags.
+  config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:ARG`.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Optional directory for the JSON results and TensorBoard scalars.")
+  flags.DEFINE_string("output", None, "Optional JSON results path (default <workdir>/retrieval_<split>.json).")
+  flags.mark_flags_as_required(["config"])
+  FLAGS = flags.FLAGS
 
 METRIC_ORDER = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 

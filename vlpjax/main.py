@@ -9,10 +9,13 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:ARG`.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and exports.")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+if __name__ == "__main__":
+  # Flags exist only when this module is the program, so importing it (tests, notebooks)
+  # never clashes with another entry point's flags.
+  config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:ARG`.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and exports.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  FLAGS = flags.FLAGS
 
 
 def wants_distributed() -> bool:
