@@ -21,6 +21,7 @@ from scipy.special import erf
 from vlpjax import checkpoint, config_lib
 from vlpjax.convert import ConversionError, convert_checkpoint, convert_state_dict, importer, write_outputs
 from vlpjax.models import bert, vit, vlp
+from parity import max_relative_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -272,10 +273,6 @@ def ours_forward(cfg: vlp.ModelConfig):
 
   return jax.jit(lambda p, *x: model.apply({"params": p}, *x, method=forward))
 
-
-def max_relative_error(actual, reference) -> float:
-  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-  return float(np.abs(actual - reference).max() / np.abs(reference).max())
 
 
 def flat(tree) -> dict:

@@ -15,17 +15,13 @@ from flax import traverse_util
 from vlpjax import checkpoint
 from vlpjax.convert import ConversionError, convert_checkpoint, convert_state_dict, importer, torch_io
 from vlpjax.models import bert, vit, vlp
+from parity import max_relative_error
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 VOCAB, WIDTH, HEADS, MLP, LAYERS, POSITIONS = 60, 32, 4, 64, 4, 24
 
-
-def max_relative_error(actual, reference) -> float:
-  """max |actual - reference| / max |reference|."""
-  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-  return float(np.abs(actual - reference).max() / np.abs(reference).max())
 
 
 def hf_bert_for_mlm():

@@ -15,17 +15,13 @@ from vlpjax import checkpoint
 from vlpjax.convert import convert_checkpoint, convert_state_dict, importer, resample, torch_io
 from vlpjax.convert import vit as vit_keys
 from vlpjax.models import bert, vit, vlp
+from parity import max_relative_error
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 IMAGE, PATCH, WIDTH, DEPTH, HEADS, MLP = 32, 8, 32, 2, 4, 64
 
-
-def max_relative_error(actual, reference) -> float:
-  """max |actual - reference| / max |reference|."""
-  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-  return float(np.abs(actual - reference).max() / np.abs(reference).max())
 
 
 def hf_vit_model():

@@ -241,17 +241,32 @@ def load_params(path) -> dict:
     A nested dict of `np.ndarray`.
   """
   location, key = _params_location(_abspath(path))
+  if key is None:
+    return _read_items(location)
+  restored = _read_items(location, (key,))
+  if key not in restored:
+    tree = ocp.PyTreeCheckpointer().metadata(location).item_metadata.tree
+    raise KeyError(f"{location} has no {key!r} subtree; top-level keys: {sorted(tree)}")
+  return restored[key]
+
+
+def load_state_items(path, keys) -> dict:
+  """Reads the top-level `keys` that a train checkpoint's state holds (e.g. `ema_params`,
+  `queues`) to host memory; absent keys are left out. `path` as for `locate_checkpoint`."""
+  root, step = locate_checkpoint(_abspath(path))
+  return _read_items(root / str(step) / _STATE, tuple(keys))
+
+
+def _read_items(location: epath.Path, keys=None) -> dict:
+  """Restores the PyTree at `location` as numpy: whole, or only its top-level `keys` present."""
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(location).item_metadata.tree
-  if key is not None:
-    if key not in tree:
-      raise KeyError(f"{location} has no {key!r} subtree; top-level keys: {sorted(tree)}")
-    tree = {key: tree[key]}
+  if keys is not None:
+    tree = {k: tree[k] for k in keys if k in tree}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = checkpointer.restore(
+  return checkpointer.restore(
       location, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
-                                            partial_restore=key is not None))
-  return restored[key] if key is not None else restored
+                                            partial_restore=keys is not None))
 
 
 @dataclasses.dataclass

@@ -129,10 +129,3 @@ def _keys(path) -> tuple:
         break
   return tuple(out)
 
-
-def describe(shardings: Any) -> list[tuple[str, str]]:
-  """(path, PartitionSpec) rows for the sharding overview printed at start."""
-  rows = []
-  for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
-    rows.append(("/".join(str(k) for k in _keys(path)), str(getattr(s, "spec", s))))
-  return rows

@@ -254,14 +254,7 @@ def _init_from(state, init_from: ml_collections.ConfigDict, shardings):
     source_ema = checkpoint_lib.load_params(ema_dir)
   elif not os.path.isdir(os.path.join(path, "params")) and not os.path.exists(os.path.join(path, "_METADATA")):
     # A train checkpoint: its state holds the EMA params and the queues next to the params.
-    import orbax.checkpoint as ocp
-    root, step = checkpoint_lib.locate_checkpoint(path)
-    location = root / str(step) / "state"
-    tree = ocp.PyTreeCheckpointer().metadata(location).item_metadata.tree
-    wanted = {k: tree[k] for k in ("ema_params", "queues") if k in tree}
-    restored = ocp.PyTreeCheckpointer().restore(location, args=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
-        partial_restore=True))
+    restored = checkpoint_lib.load_state_items(path, ("ema_params", "queues"))
     source_ema, source_queues = restored.get("ema_params"), restored.get("queues")
   if os.path.isfile(queues_file):
     with np.load(queues_file) as f:

@@ -3,7 +3,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vlpjax.models import layers
@@ -101,24 +100,4 @@ class VisionTransformer(nn.Module):
       x = block(x, mask)
       layer_cls.append(self.norm(x[:, 0]))
     return dict(states=self.norm(x), layer_cls=jnp.stack(layer_cls), mask=mask)
-
-
-def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-  """[batch, H, W, C] -> [batch, patches, patch_size * patch_size * C] in row-major patch order."""
-  b, h, w, c = images.shape
-  gh, gw = h // patch_size, w // patch_size
-  x = images[:, :gh * patch_size, :gw * patch_size]
-  x = x.reshape(b, gh, patch_size, gw, patch_size, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, patch_size * patch_size * c)
-
-
-def resample_pos_embedding(pos: jax.Array, new_grid: int) -> jax.Array:
-  """Resizes [1, 1 + g*g, width] position embeddings to a new grid (CLS kept) with bicubic."""
-  cls, grid_pos = pos[:, :1], pos[:, 1:]
-  old = int(round(grid_pos.shape[1] ** 0.5))
-  if old == new_grid:
-    return pos
-  grid_pos = grid_pos.reshape(1, old, old, -1)
-  grid_pos = jax.image.resize(grid_pos, (1, new_grid, new_grid, grid_pos.shape[-1]), "cubic")
-  return jnp.concatenate([cls, grid_pos.reshape(1, new_grid * new_grid, -1)], axis=1)
 
