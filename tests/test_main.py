@@ -48,10 +48,16 @@ def test_two_processes_train_together(tmp_path):
   port = _free_port()
   workdir = tmp_path / "run"
   data_dir = tmp_path / "data"
+  # Both processes must reach their first cross-process collective within Gloo's 30 s: build the
+  # data up front and compile without the shared persistent cache (a cache hit in one process
+  # and a fresh compile in the other skews them by more than that).
+  from input_pipeline import demo_data
+  demo_data.build_demo(str(data_dir), "tiny")
   procs = []
   for process_id in range(2):
     env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
                XLA_FLAGS="--xla_force_host_platform_device_count=2", VLPJAX_DATA_DIR=str(data_dir))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "vlpjax.main", "--config=configs/albef.py:tiny", f"--workdir={workdir}",
          "--config.eval.every_steps=0"],
