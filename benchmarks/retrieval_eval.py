@@ -102,7 +102,9 @@ def main(argv):
                               itm_batch_size=FLAGS.itm_batch, mesh=mesh)
 
   _, first = timed(run_evaluate)   # compiles every function once
+  print(f"evaluate(), first call (compiles): {first:.2f} s", flush=True)
   _, warm = timed(run_evaluate)
+  print(f"evaluate(), warm: {warm:.2f} s", flush=True)
 
   # Phase by phase, warm, with the same building blocks `retrieval_scores` uses.
   params_r = jax.device_put(params, sharding.replicated(mesh))

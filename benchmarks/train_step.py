@@ -90,7 +90,10 @@ def bench_one(spec: str) -> dict:
 
 def main(argv):
   del argv
-  rows = [bench_one(spec) for spec in FLAGS.config.split(",")]
+  rows = []
+  for spec in FLAGS.config.split(","):
+    rows.append(bench_one(spec))
+    print(f"done: {rows[-1]}", flush=True)
   header = "| config | device | batch | dtype | remat | img/s | GFLOP/img | MFU | peak mem GiB | compile s |"
   print(header)
   print("|---|---|---|---|---|---|---|---|---|---|")
