@@ -129,7 +129,7 @@ def test_init_from_converter_dir_loads_ema_and_queues(tmp_path):
   queues = dict(image=rng.normal(size=shape).astype(np.float32), text=rng.normal(size=shape).astype(np.float32),
                 idx=np.arange(shape[0], dtype=np.int32), ptr=np.asarray(5, np.int32))
   path = _converter_dir(tmp_path / "converted", source, ema, queues)
-  out = train._init_from(state, ml_collections.ConfigDict(dict(path=path, dont_load=())), shardings)
+  out = train._init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=())), shardings)
 
   got_params, got_ema, want_ema = _flat(out.params), _flat(out.ema_params), _flat(ema)
   want_params = _flat(source)
@@ -151,7 +151,7 @@ def test_init_from_keeps_fresh_queues_of_another_size_and_copies_params_without_
   queues = dict(image=np.ones((2 * rows, width), np.float32), text=np.ones((2 * rows, width), np.float32),
                 idx=np.zeros(2 * rows, np.int32), ptr=np.asarray(0, np.int32))
   path = _converter_dir(tmp_path / "converted", source, None, queues)
-  out = train._init_from(state, ml_collections.ConfigDict(dict(path=path, dont_load=("itm_head/.*",))), shardings)
+  out = train._init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=("itm_head/.*",))), shardings)
   got_params, got_ema, fresh = _flat(out.params), _flat(out.ema_params), _flat(state.params)
   for name, value in got_params.items():
     want = fresh[name] if name.startswith("itm_head/") else _flat(source)[name]
@@ -170,7 +170,7 @@ def test_init_from_train_checkpoint_takes_its_ema(tmp_path):
   config = finetune_retrieval.get_config("tiny")
   state, shardings = _fresh_state(config)
   path = str(checkpoint.checkpoint_dir(workdir))
-  out = train._init_from(state, ml_collections.ConfigDict(dict(path=path, dont_load=())), shardings)
+  out = train._init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=())), shardings)
   root, step = checkpoint.locate_checkpoint(path)
   assert step == 2
   saved = checkpoint.load_params(root / str(step) / "state")   # the whole saved TrainState

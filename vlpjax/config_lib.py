@@ -15,7 +15,7 @@ TOP_LEVEL = {
     "num_epochs": "training length in epochs (with input.num_train_examples)",
     "total_steps": "training length in steps (overrides num_epochs when > 0)",
     "steps_per_epoch": "steps per epoch (overrides input.num_train_examples // batch_size when > 0)",
-    "model": "vlpjax.models.vlp.ModelConfig fields",
+    "model": "vlpjax.models.vlp.ModelConfig fields (+ kind: the task model, and its fields)",
     "objectives": "{name: {weight, ...settings}} of registered objectives",
     "momentum": "EMA momentum of the teacher",
     "alpha": "momentum-distillation weight after the ramp",
@@ -24,7 +24,7 @@ TOP_LEVEL = {
     "optim": "vlpjax.optim.make_optimizer fields",
     "sharding": "mesh {data, fsdp, tensor} and rules preset",
     "input": "input_pipeline.builder fields",
-    "eval": "periodic evaluation: every_steps, split, batch_size, k_test",
+    "eval": "periodic evaluation: every_steps, split, batch_size, kind (+ the evaluator's keys)",
     "checkpoint": "every_steps, max_to_keep, async_save",
     "log_every_steps": "metric logging period",
     "init_from": "params-only start: path, dont_load regexes",
@@ -33,7 +33,7 @@ TOP_LEVEL = {
 }
 SECTIONS = {
     "sharding": {"mesh", "rules"},
-    "eval": {"every_steps", "split", "batch_size", "k_test"},
+    "eval": {"every_steps", "split", "batch_size", "kind"},  # + the evaluator's EVAL_KEYS
     "checkpoint": {"every_steps", "max_to_keep", "async_save"},
     "init_from": {"path", "dont_load"},
 }
@@ -52,8 +52,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.keys(), TOP_LEVEL, "config")
   for section, allowed in SECTIONS.items():
     if section in config and config[section] is not None and hasattr(config[section], "keys"):
+      if section == "eval":
+        from vlpjax import evaluators
+        allowed = allowed | set(evaluators.get(config.eval.get("kind") or "retrieval").EVAL_KEYS)
       _check(config[section].keys(), allowed, f"config.{section}")
-  vlp.ModelConfig.from_config(config.model)
+  vlp.build_config(config.model)
   for name in config.objectives.keys():
     if name not in objectives.names():
       raise ValueError(f"unknown objective config.objectives.{name}; registered: {objectives.names()}")

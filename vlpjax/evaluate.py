@@ -1,16 +1,18 @@
-"""Retrieval evaluation of a checkpoint:
+"""Evaluation of a checkpoint, by the kind the config names (`config.eval.kind`):
 
   python -m vlpjax.evaluate --config=configs/finetune_retrieval.py:flickr \
     --config.init_from.path=DIR [--workdir=DIR] [--output=results.json] [--config.x.y=v]
 
 DIR is a params export (`<workdir>/export/<stage>`), a train checkpoint (`<workdir>/checkpoints`
 or one `<step>` in it) or a `python -m vlpjax.convert` output directory. The model is built from
-the config, its freshly initialised params are overwritten by the checkpoint's where paths agree
-(`checkpoint.partial_restore`, honouring `init_from.dont_load`; the loaded / skipped / new /
-unused table is printed), then the eval split `config.eval.split` of `config.input` is scored:
-ITC similarities of all pairs, ITM rerank of the top `config.eval.k_test` in both directions.
-Prints TR/IR@1/5/10 and r_mean, writes them as JSON (`--output`, or `<workdir>/retrieval_<split>.json`)
-and, with --workdir, as TensorBoard scalars under `<workdir>/eval`.
+the config (`config.model.kind` picks a task model), its freshly initialised params are
+overwritten by the checkpoint's where paths agree (`checkpoint.partial_restore` after the task
+model's `remap_pretrained`, honouring `init_from.dont_load`; the loaded / skipped / new / unused
+table is printed), then the eval split `config.eval.split` of `config.input` is scored by the
+evaluator of `config.eval.kind` (`vlpjax/evaluators/`): retrieval (ITC all pairs + ITM rerank of
+the top `k_test`; TR/IR@1/5/10, r_mean), vqa, classification (NLVR2, SNLI-VE) or grounding.
+Prints the metrics, writes them as JSON (`--output`, or `<workdir>/<kind>_<split>.json`) and,
+with --workdir, as TensorBoard scalars under `<workdir>/eval`.
 
 Every process evaluates the whole split on its own devices (batches data-parallel over them).
 """
@@ -26,11 +28,10 @@ if __name__ == "__main__":
   # never clashes with another entry point's flags.
   config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:ARG`.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Optional directory for the JSON results and TensorBoard scalars.")
-  flags.DEFINE_string("output", None, "Optional JSON results path (default <workdir>/retrieval_<split>.json).")
+  flags.DEFINE_string("output", None, "Optional JSON results path (default <workdir>/<kind>_<split>.json).")
   flags.mark_flags_as_required(["config"])
   FLAGS = flags.FLAGS
 
-METRIC_ORDER = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
 
 def restore_params(config, path: str):
@@ -53,7 +54,7 @@ def restore_params(config, path: str):
   model = train.build_model(config)
   init = jax.jit(lambda rng: nn.unbox(model.init({"params": rng, "dropout": rng}, *vlp.init_inputs(model.config))))
   fresh = jax.device_get(init(jax.random.PRNGKey(int(config.seed)))["params"])
-  loaded = checkpoint.load_params(path)
+  loaded = model.remap_pretrained(checkpoint.load_params(path))
   params, report = checkpoint.partial_restore(fresh, loaded, dont_load=tuple(config.init_from.get("dont_load", ())))
   if not report.loaded:
     raise ValueError(f"{path}: no parameter of the model was found in the checkpoint (its top-level keys: "
@@ -80,35 +81,29 @@ def evaluate_checkpoint(config, path: Optional[str] = None, *, workdir: Optional
   if not path:
     raise ValueError("no checkpoint to evaluate: set config.init_from.path (--config.init_from.path=DIR)")
   import jax
-  from input_pipeline import builder
   from vlpjax import checkpoint
   from vlpjax import metrics as metrics_lib
+  from vlpjax import evaluators
   from vlpjax import sharding as sharding_lib
-  from vlpjax.evaluators import retrieval
 
   model, params, report = restore_params(config, path)
   if verbose:
     print(f"restored from {path}:\n{checkpoint.format_report(report)}", flush=True)
-  batch_size = int(config.eval.batch_size)
-  data = builder.make_eval_dataset(config.input, split=config.eval.split, batch_size=batch_size,
-                                   process_index=0, process_count=1)
   mesh = sharding_lib.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.local_devices())
-  results = retrieval.evaluate(model, params, data.image_batches(), data.text_batches(), data.txt2img,
-                               data.img2txt, k_test=int(config.eval.get("k_test", 0)),
-                               itm_batch_size=batch_size, mesh=mesh)
+  kind = config.eval.get("kind") or "retrieval"
+  results = evaluators.get(kind).run(config, model, params, mesh=mesh)
   if workdir:
     writer = metrics_lib.create_writer(workdir, process_index=jax.process_index(), collection="eval")
-    writer.write_scalars(0, {f"retrieval/{k}": v for k, v in results.items()})
+    writer.write_scalars(0, {f"{kind}/{k}": v for k, v in results.items()})
     writer.flush()
     writer.close()
   return results
 
 
-def format_results(results: dict[str, float]) -> str:
-  """One table row: TR@1 TR@5 TR@10 IR@1 IR@5 IR@10 r_mean, with a header line."""
-  header = "  ".join(f"{name:>7}" for name in ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean"))
-  row = "  ".join(f"{results[k]:7.2f}" for k in METRIC_ORDER)
-  return f"{header}\n{row}"
+def format_results(results: dict[str, float], kind: str = "retrieval") -> str:
+  """The evaluator's short table (retrieval: TR@1 TR@5 TR@10 IR@1 IR@5 IR@10 r_mean)."""
+  from vlpjax import evaluators
+  return evaluators.get(kind).format_results(results)
 
 
 def main(argv):
@@ -119,14 +114,14 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")  # tf.data must not grab accelerator memory
   results = evaluate_checkpoint(FLAGS.config, workdir=FLAGS.workdir)
   split = FLAGS.config.eval.split
-  print(f"retrieval on split {split!r} ({int(results['num_images'])} images, {int(results['num_texts'])} "
-        f"captions, k_test={FLAGS.config.eval.k_test}):\n{format_results(results)}")
-  output = FLAGS.output or (os.path.join(FLAGS.workdir, f"retrieval_{split}.json") if FLAGS.workdir else None)
+  kind = FLAGS.config.eval.get("kind") or "retrieval"
+  print(f"{kind} on split {split!r}:\n{format_results(results, kind)}")
+  output = FLAGS.output or (os.path.join(FLAGS.workdir, f"{kind}_{split}.json") if FLAGS.workdir else None)
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    extra = {k: FLAGS.config.eval[k] for k in ("k_test",) if k in FLAGS.config.eval}
     with open(output, "w") as f:
-      json.dump(dict(results, checkpoint=FLAGS.config.init_from.path, split=split,
-                     k_test=int(FLAGS.config.eval.k_test)), f, indent=1)
+      json.dump(dict(results, checkpoint=FLAGS.config.init_from.path, split=split, kind=kind, **extra), f, indent=1)
     logging.info("wrote %s", output)
   print(json.dumps({k: round(v, 4) for k, v in results.items()}))
 

@@ -307,3 +307,27 @@ def evaluate(model, params, image_batches: Iterable[dict], text_batches: Iterabl
   metrics["num_images"] = float(scores_i2t.shape[0])
   metrics["num_texts"] = float(scores_i2t.shape[1])
   return metrics
+
+
+# ----------------------------------------------------------------------------- evaluator contract
+
+EVAL_KEYS = ("k_test",)
+METRIC_ORDER = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+
+
+def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, float]:
+  """Retrieval metrics of `params` on `config.eval.split` of `config.input` (evaluator contract)."""
+  from input_pipeline import builder
+  batch_size = int(config.eval.batch_size)
+  # Every process embeds the whole (small) eval split, so the scores need no gathering.
+  data = builder.make_eval_dataset(config.input, split=config.eval.split, batch_size=batch_size,
+                                   process_index=0, process_count=1)
+  return evaluate(model, params, data.image_batches(), data.text_batches(), data.txt2img, data.img2txt,
+                  k_test=int(config.eval.get("k_test", 0)), itm_batch_size=batch_size, mesh=mesh)
+
+
+def format_results(results: dict[str, float]) -> str:
+  """One table row: TR@1 TR@5 TR@10 IR@1 IR@5 IR@10 r_mean, with a header line."""
+  header = "  ".join(f"{name:>7}" for name in ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean"))
+  row = "  ".join(f"{results[k]:7.2f}" for k in METRIC_ORDER)
+  return f"{header}\n{row}"

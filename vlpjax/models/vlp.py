@@ -38,8 +38,12 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "ModelConfig":
-    """Builds a ModelConfig from `config.model`; an unknown key fails naming it."""
+    """Builds a ModelConfig (or a task subclass) from `config.model`; an unknown key fails naming it.
+
+    `kind` selects the model class (`build_model`) and is not a field.
+    """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    cfg.pop("kind", None)
 
     def build(klass, values, where):
       names = {f.name for f in dataclasses.fields(klass)}
@@ -62,6 +66,60 @@ class ModelConfig:
     return dataclasses.replace(model, vision=vision, text=text)
 
 
+_MODELS: dict[str, type] = {}
+
+
+def register_model(kind: str):
+  """Class decorator: `config.model.kind = kind` builds this VLPModel subclass.
+
+  A task model subclasses `VLPModel` (adding its heads in `setup` after `super().setup()`),
+  names its config dataclass (a `ModelConfig` subclass with the task's fields) as the class
+  attribute `config_class`, initialises every parameter in `__call__(images, text_ids,
+  text_mask)`, and may override the static `remap_pretrained` to derive its new parameters
+  from a pretraining checkpoint (e.g. a decoder initialised from the fusion layers).
+  """
+
+  def wrap(model_class):
+    if kind in _MODELS and _MODELS[kind] is not model_class:
+      raise ValueError(f"model kind {kind!r} is registered twice")
+    _MODELS[kind] = model_class
+    return model_class
+
+  return wrap
+
+
+def _import_task_models():
+  # Task models register themselves on import; a missing optional module is not an error.
+  import importlib
+  for name in ("vqa", "classify"):
+    try:
+      importlib.import_module(f"vlpjax.models.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"vlpjax.models.{name}":
+        raise
+
+
+def model_class(model_cfg) -> type:
+  """The module class `config.model.kind` names (default 'vlp'); unknown kinds fail naming them."""
+  kind = (model_cfg.get("kind") if hasattr(model_cfg, "get") else None) or "vlp"
+  if kind not in _MODELS:
+    _import_task_models()
+  if kind not in _MODELS:
+    raise ValueError(f"unknown config.model.kind {kind!r}; known: {sorted(_MODELS)}")
+  return _MODELS[kind]
+
+
+def build_config(model_cfg) -> "ModelConfig":
+  """The (task) ModelConfig of `config.model`, validated."""
+  return model_class(model_cfg).config_class.from_config(model_cfg)
+
+
+def build_model(model_cfg) -> "VLPModel":
+  """The model `config.model` describes: `VLPModel` or the task subclass its `kind` names."""
+  return model_class(model_cfg)(build_config(model_cfg))
+
+
+@register_model("vlp")
 class VLPModel(nn.Module):
   """ViT image tower + BERT text tower + fusion encoder + heads.
 
@@ -77,6 +135,12 @@ class VLPModel(nn.Module):
     temperature() -> clamped scalar
   """
   config: ModelConfig
+  config_class = ModelConfig
+
+  @staticmethod
+  def remap_pretrained(params: dict) -> dict:
+    """Checkpoint params (nested dict) -> params for this model; identity for the base model."""
+    return params
 
   def setup(self):
     cfg, dtype = self.config, self.config.compute_dtype

@@ -58,6 +58,16 @@ class ModelFns:
   def temperature(self):
     return self._out(self._bound.temperature())
 
+  @property
+  def deterministic(self) -> bool:
+    """True for the teacher (no dropout)."""
+    return self._deterministic
+
+  def apply(self, method: str, *args, **kwargs):
+    """Calls any method of the bound model (task models add their own), with this side's
+    stop-gradient; pass `deterministic=self.deterministic` where the method takes it."""
+    return self._out(getattr(self._bound, method)(*args, **kwargs))
+
 
 def _cached(fn):
   name = fn.__name__
