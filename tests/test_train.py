@@ -94,3 +94,42 @@ def test_resume_on_demo_data_sees_the_same_batches(tmp_path, monkeypatch):
   for step in (2, 3):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
   assert _scalars(str(tmp_path / "straight"), "train/data_skipped")
+
+
+def test_stage_with_its_own_input_reads_its_own_stream_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.setenv("VLPJAX_DATA_DIR", str(tmp_path / "data"))
+  from input_pipeline import builder
+  calls = []
+  make = builder.make_train_iterator
+
+  def recording(cfg, **kwargs):
+    calls.append((cfg.pp, kwargs["start_step"], kwargs["start_position"]))
+    return make(cfg, **kwargs)
+
+  monkeypatch.setattr(builder, "make_train_iterator", recording)
+  other_pp = "decode|resize(32)|normalize('clip')|choose_caption|clean_caption(30)|tokenize(16)"
+
+  def config():
+    c = albef.get_config("tiny")
+    c.eval.every_steps = 0
+    c.stages = [dict(name="a", steps=2, input=dict(pp=other_pp)), dict(name="b", steps=2)]
+    return c
+
+  base_pp = config().input.pp
+  train.train_and_evaluate(config(), str(tmp_path / "straight"))
+  assert calls == [(other_pp, 0, None), (base_pp, 0, None)]
+  calls.clear()
+  train.train_and_evaluate(config(), str(tmp_path / "resumed"), stop_after=3)
+  train.train_and_evaluate(config(), str(tmp_path / "resumed"))
+  # The resumed run continues stage b's stream after its first batch, without replaying it.
+  assert calls == [(other_pp, 0, None), (base_pp, 0, None), (base_pp, 1, 16)]
+  want = _scalars(str(tmp_path / "straight"), "train/loss")
+  got = _scalars(str(tmp_path / "resumed"), "train/loss")
+  np.testing.assert_allclose(got[4], want[4], rtol=1e-5)
+
+
+def test_stage_input_override_with_an_unknown_field_fails_naming_it(tmp_path):
+  config = _synthetic_tiny()
+  config.stages = [dict(name="a", steps=2, input=dict(pp_typo="decode"))]
+  with pytest.raises(ValueError, match=r"config.stages\[0\].input.pp_typo"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))

@@ -29,7 +29,7 @@ TOP_LEVEL = {
     "log_every_steps": "metric logging period",
     "init_from": "params-only start: path, dont_load regexes",
     "resume_from": "a checkpoint directory of another run to resume from",
-    "stages": "list of {name, steps, objectives?, freeze?}",
+    "stages": "list of {name, steps, objectives?, freeze?, input? (config.input overrides for this stage)}",
 }
 SECTIONS = {
     "sharding": {"mesh", "rules"},
@@ -37,7 +37,7 @@ SECTIONS = {
     "checkpoint": {"every_steps", "max_to_keep", "async_save"},
     "init_from": {"path", "dont_load"},
 }
-STAGE_KEYS = {"name", "steps", "objectives", "freeze"}
+STAGE_KEYS = {"name", "steps", "objectives", "freeze", "input"}
 
 
 def _check(keys, allowed, where):
@@ -67,6 +67,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in (stage.get("objectives") or {}):
       if name not in objectives.names():
         raise ValueError(f"unknown objective config.stages[{i}].objectives.{name}")
+    if stage.get("input") and "input" in config:
+      from input_pipeline import builder
+      merged = ml_collections.ConfigDict(config.input.to_dict())
+      merged.update(dict(stage.get("input")))
+      _check(dict(stage.get("input")).keys(), builder.FIELDS, f"config.stages[{i}].input")
+      builder.validate_config(merged)
   if "input" in config:
     from input_pipeline import builder  # the builder owns the input schema
     if hasattr(builder, "validate_config"):

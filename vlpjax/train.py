@@ -22,16 +22,16 @@ from vlpjax import sharding as sharding_lib
 from vlpjax import state as state_lib
 from vlpjax import step as step_lib
 from vlpjax import synthetic
-from vlpjax.evaluators import retrieval
 from vlpjax.models import vlp
 
 
 def build_model(config: ml_collections.ConfigDict) -> vlp.VLPModel:
-  return vlp.VLPModel(vlp.ModelConfig.from_config(config.model))
+  """`VLPModel`, or the task model `config.model.kind` names (VQA, NLVR2, ...)."""
+  return vlp.build_model(config.model)
 
 
 def stages_of(config: ml_collections.ConfigDict, total_steps: int) -> list[ml_collections.ConfigDict]:
-  """`config.stages` (list of dicts: name, steps, objectives?, freeze?) or one stage of everything."""
+  """`config.stages` (list of dicts: name, steps, objectives?, freeze?, input?) or one stage of everything."""
   if not config.get("stages"):
     return [ml_collections.ConfigDict(dict(name="pretrain", steps=total_steps))]
   return [ml_collections.ConfigDict(dict(s)) for s in config.stages]
@@ -126,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = state_lib.create_state(model, tx, int(config.queue_size), shardings,
                                    jax.random.PRNGKey(int(config.seed)))
     if how == "init_from":
-      state = _init_from(state, config.init_from, shardings)
+      state = _init_from(model, state, config.init_from, shardings)
   if process_index == 0:
     logging.info("parameters:\n%s", metrics_lib.parameter_overview(state.params))
     logging.info("param shardings:\n%s", metrics_lib.sharding_overview(abstract.params))
@@ -134,8 +134,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ----------------------------------------------------------------------------- Input
   # Positions are per process and the meta JSON is written by process 0 only: with several
   # processes the iterator replays up to the step instead (exact, slower).
-  start_position = (meta.get("data") or {}).get("data_position") if process_count == 1 else None
-  train_iter = _train_input(config, mesh, global_batch, start_step, start_position, process_index, process_count)
+  # A stage with its own `input` overrides (e.g. NLVR2's text-assignment pre-step on caption
+  # data) reads its own data stream from its first step; consecutive stages with the same input
+  # share one stream.
+  saved_data = meta.get("data") or {}
+  segment = _data_segment(stages, stage_index)
+  start_position = saved_data.get("data_position") if process_count == 1 else None
+  if saved_data.get("segment", 0) != segment:
+    start_position = None
+  train_iter = _train_input(_segment_config(config, stages, segment), mesh, global_batch,
+                            start_step - _segment_start(stages, segment), start_position, process_index,
+                            process_count)
   eval_fn = _make_eval(config, model)
 
   # ----------------------------------------------------------------------------- Loop
@@ -154,6 +163,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       abstract, shardings = state_lib.abstract_state(model, tx, int(config.queue_size), mesh, rules)
       opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state.params)
       state = state.replace(opt_state=opt_state)
+    if _data_segment(stages, index) != segment:
+      if hasattr(train_iter, "close"):
+        train_iter.close()
+      segment = _data_segment(stages, index)
+      train_iter = _train_input(_segment_config(config, stages, segment), mesh, global_batch, 0, None,
+                                process_index, process_count)
     objectives_cfg = stage.get("objectives") or config.objectives
     train_step = step_lib.make_train_step(model, tx, config, mesh=mesh, rules=rules, state_shardings=shardings,
                                           schedule=schedule, objectives_cfg=objectives_cfg,
@@ -162,6 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t0 = time.time()
     compiled = train_step.lower(state, first).compile()
     _log_memory(compiled, time.time() - t0)
+    # Processes reach here after input setup and compilation of very different lengths (one
+    # may hit a compile cache); the first step's collectives must start together (Gloo on CPU
+    # gives up after 30 s), so wait here on the coordinator's barrier, which waits for minutes.
+    _wait_for_all_processes(f"stage_{index}_compiled", process_count)
     pending = first
     logging.info("stage %r: steps %d..%d", stage.name, step, stage_end)
     while step < stage_end and (stop_after is None or step < stop_after):
@@ -177,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_metrics.update({f"train/{k}": v for k, v in scalars.items()})
         progress(step, scalars)
       if ckpt_due(config, step, stage_end) or step == stop_after:
-        data_state = train_iter.state() if hasattr(train_iter, "state") else {}
+        data_state = dict(train_iter.state() if hasattr(train_iter, "state") else {}, segment=segment)
         ckpt.save(step, state, dict(stage=stage.name, step=step, data=data_state, config=_jsonable(config)),
                   force=step in (stage_end, stop_after))
       if eval_fn is not None and (step % config.eval.every_steps == 0 or step == total_steps):
@@ -199,6 +218,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return last_metrics
 
 
+def _wait_for_all_processes(name: str, process_count: int, timeout_s: int = 1800) -> None:
+  """A barrier on the jax.distributed coordinator (no device collective); no-op for one process."""
+  if process_count <= 1:
+    return
+  from jax._src import distributed  # the coordinator client has no public barrier yet
+  client = distributed.global_state.client
+  if client is None:
+    return
+  client.wait_at_barrier(f"vlpjax_{name}", timeout_s * 1000)
+
+
 def ckpt_due(config, step: int, stage_end: int) -> bool:
   every = int(config.checkpoint.every_steps)
   return step == stage_end or (every > 0 and step % every == 0)
@@ -207,6 +237,35 @@ def ckpt_due(config, step: int, stage_end: int) -> bool:
 def _stage_bounds(stages, index):
   start = sum(int(s.steps) for s in stages[:index])
   return start, start + int(stages[index].steps)
+
+
+def _stage_input(stage) -> dict:
+  return dict(stage.get("input") or {})
+
+
+def _data_segment(stages, index: int) -> int:
+  """First stage of the run of consecutive stages that read the same input as stage `index`.
+
+  Each such run is one data stream (batch k of it a function of (seed, k)); a stage with other
+  `input` overrides than the stage before it starts a new stream at its first step.
+  """
+  while index > 0 and _stage_input(stages[index - 1]) == _stage_input(stages[index]):
+    index -= 1
+  return index
+
+
+def _segment_start(stages, segment: int) -> int:
+  return _stage_bounds(stages, segment)[0]
+
+
+def _segment_config(config, stages, segment: int):
+  """`config` whose `input` has the overrides of stage `segment` applied."""
+  overrides = _stage_input(stages[segment])
+  if not overrides:
+    return config
+  merged = ml_collections.ConfigDict(config.to_dict())
+  merged.input.update(overrides)
+  return merged
 
 
 def _stage_at(stages, step: int) -> int:
@@ -231,7 +290,7 @@ def _log_memory(compiled, seconds: float):
     logging.info("train step compiled in %.1fs", seconds)
 
 
-def _init_from(state, init_from: ml_collections.ConfigDict, shardings):
+def _init_from(model, state, init_from: ml_collections.ConfigDict, shardings):
   """Finetuning start: params from `init_from.path` where they match, fresh init for the rest.
 
   Also taken from the source when it has them (a `python -m vlpjax.convert` directory with
@@ -243,7 +302,8 @@ def _init_from(state, init_from: ml_collections.ConfigDict, shardings):
   """
   path = init_from.path
   dont_load = tuple(init_from.get("dont_load", ()))
-  params, report = checkpoint_lib.partial_restore(jax.device_get(state.params), checkpoint_lib.load_params(path),
+  params, report = checkpoint_lib.partial_restore(jax.device_get(state.params),
+                                                  model.remap_pretrained(checkpoint_lib.load_params(path)),
                                                   dont_load=dont_load)
   logging.info("init_from %s:\n%s", path, checkpoint_lib.format_report(report))
 
@@ -251,11 +311,13 @@ def _init_from(state, init_from: ml_collections.ConfigDict, shardings):
   queues_file = os.path.join(path, "queues.npz")
   source_ema, source_queues = None, None
   if os.path.isdir(ema_dir):
-    source_ema = checkpoint_lib.load_params(ema_dir)
+    source_ema = model.remap_pretrained(checkpoint_lib.load_params(ema_dir))
   elif not os.path.isdir(os.path.join(path, "params")) and not os.path.exists(os.path.join(path, "_METADATA")):
     # A train checkpoint: its state holds the EMA params and the queues next to the params.
     restored = checkpoint_lib.load_state_items(path, ("ema_params", "queues"))
     source_ema, source_queues = restored.get("ema_params"), restored.get("queues")
+    if source_ema is not None:
+      source_ema = model.remap_pretrained(source_ema)
   if os.path.isfile(queues_file):
     with np.load(queues_file) as f:
       source_queues = {k: f[k] for k in f.files}
@@ -318,18 +380,14 @@ def _train_input(config, mesh, global_batch, start_step, start_position, process
 
 
 def _make_eval(config, model) -> Optional[Any]:
-  """Zero-shot retrieval on the held-out split, or None when eval is off."""
+  """The periodic evaluation (`config.eval.kind`: retrieval, vqa, classification, grounding), or
+  None when eval is off."""
   if not config.eval.get("every_steps") or config.input.get("synthetic", False):
     return None
-  from input_pipeline import builder
+  from vlpjax import evaluators
+  evaluator = evaluators.get(config.eval.get("kind") or "retrieval")
 
   def run(state):
-    # Every process embeds the whole (small) eval split, so the scores need no gathering.
-    data = builder.make_eval_dataset(config.input, split=config.eval.split, batch_size=config.eval.batch_size,
-                                     process_index=0, process_count=1)
-    params = state.params
-    return retrieval.evaluate(model, params, data.image_batches(), data.text_batches(), data.txt2img,
-                              data.img2txt, k_test=int(config.eval.get("k_test", 0)))
+    return evaluator.run(config, model, state.params)
 
   return run
-
