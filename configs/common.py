@@ -145,3 +145,59 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
     c.model.vision.image_size = args.res
     c.input = inputs.with_image_size(c.input, args.res)
   return c, args
+
+
+def finetune_config(arg: str, *, fmt: str, kind: str, objectives: dict, eval_kind: str, resolution: int,
+                    max_len: int, lr: float, epochs: int, batch: int, num_train_examples: int,
+                    warmup_steps: int = 100, heads: tuple = (),
+                    ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """A downstream-task finetuning config (ALBEF's protocols, METHODS.md §1.4).
+
+  `arg` as `base_config`: "" = the full recipe on real data given by path (JSON of the task's
+  format + image root), "demo" = the task's demo dataset on the demo model (minutes on a CPU),
+  "tiny" = tests. Every size starts from a pretrained checkpoint (`--config.init_from.path`).
+
+  Full recipe: AdamW `lr`, wd 0.02, ALBEF's step warm-up from 1e-5 over `warmup_steps`
+  iterations (one step per 100), then a per-epoch cosine to 1e-6; alpha 0.4 ramped over epoch 0.
+  """
+  from input_pipeline import inputs
+  config, args = base_config(arg)
+  config.model.kind = kind
+  config.model.heads = heads
+  config.objectives = objectives
+  config.queue_size = 0
+  config.input.mlm_prob = 0.0
+  config.input.format = fmt
+  config.input.pp = ""  # the task's default ops (input_pipeline.tasks.train_pp_spec)
+  config.eval = dict(every_steps=0, split="test", batch_size=256, kind=eval_kind)
+  if not args.size:
+    config.batch_size = args.batch or batch
+    config.num_epochs = epochs
+    config.model.vision.image_size = args.res or resolution
+    config.input.image_size = args.res or resolution
+    config.input.max_len = max_len
+    config.input.num_train_examples = num_train_examples
+    config.optim = albef_optim(lr=lr, epochs=epochs)
+    config.optim.schedule.warmup_lr = 1e-5
+    config.optim.schedule.warmup_steps = warmup_steps
+    config.optim.schedule.min_lr = 1e-6
+    config.eval.every_steps = max(1, num_train_examples // config.batch_size)  # every epoch, as ALBEF
+    config.checkpoint.every_steps = config.eval.every_steps
+    return config, args
+  demo = args.size == "demo"
+  config.input = inputs.demo_input(image_size=config.model.vision.image_size, max_len=config.input.max_len,
+                                   config="default" if demo else "tiny")
+  config.input.format = fmt
+  config.input.pp = ""
+  config.input.mlm_prob = 0.0
+  config.input.patch_size = config.model.vision.patch_size
+  config.input.num_train_examples = 0
+  config.total_steps = args.steps or (300 if demo else 4)
+  config.optim = demo_optim(1e-4 if demo else 3e-4)
+  config.optim.schedule.warmup_steps = 10 if demo else 1
+  config.alpha_ramp_steps = 50 if demo else 2
+  config.eval.every_steps = config.total_steps
+  config.eval.batch_size = 256 if demo else 32
+  if args.batch:
+    config.batch_size = args.batch
+  return config, args

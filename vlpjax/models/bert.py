@@ -54,6 +54,25 @@ class Embeddings(nn.Module):
     return self.word.attend(states.astype(self.dtype))
 
 
+def add_and_norm(cfg: TextConfig, dtype, name: str, y, inputs, deterministic: bool):
+  """Post-LN residual: LayerNorm(inputs + dropout(y)), the LayerNorm named `name`.
+
+  Call inside a compact module (it creates that module's submodules); shared by `BertLayer` and
+  the task layers built from it (VQA's causal decoder layer, NLVR2's pair layers).
+  """
+  y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+  return layers.LayerNorm(cfg.layer_norm_eps, dtype, name=name)(inputs + y)
+
+
+def feed_forward_block(cfg: TextConfig, dtype, x, deterministic: bool):
+  """BERT's FFN with its residual: LN(x + drop(W2 gelu(W1 x))); params intermediate / output / output_norm."""
+  y = layers.Dense(cfg.mlp_dim, ("embed", "mlp"), dtype=dtype, name="intermediate")(x)
+  y = nn.gelu(y, approximate=False)
+  y = layers.Dense(cfg.width, ("mlp", "embed"), dtype=dtype, name="output")(y)
+  x = add_and_norm(cfg, dtype, "output_norm", y, x, deterministic)
+  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
 class BertLayer(nn.Module):
   """Self-attention, optional cross-attention to `memory`, then the feed-forward block."""
   cfg: TextConfig
@@ -64,22 +83,15 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask, memory=None, memory_mask=None, deterministic=True):
     cfg = self.cfg
-
-    def residual(name, y, inputs):
-      y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
-      return layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name=name)(inputs + y)
-
     attn = layers.Attention(cfg.num_heads, cfg.width, cfg.attention_dropout, self.dtype, name="attention")
-    x = residual("attention_norm", attn(x, x, mask, deterministic=deterministic), x)
+    x = add_and_norm(cfg, self.dtype, "attention_norm", attn(x, x, mask, deterministic=deterministic), x,
+                     deterministic)
     if self.cross_attention:
       cross = layers.Attention(cfg.num_heads, cfg.width, cfg.attention_dropout, self.dtype,
                                sow_weights=self.sow_weights, name="crossattention")
-      x = residual("crossattention_norm", cross(x, memory, memory_mask, deterministic=deterministic), x)
-    y = layers.Dense(cfg.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="intermediate")(x)
-    y = nn.gelu(y, approximate=False)
-    y = layers.Dense(cfg.width, ("mlp", "embed"), dtype=self.dtype, name="output")(y)
-    x = residual("output_norm", y, x)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+      x = add_and_norm(cfg, self.dtype, "crossattention_norm",
+                       cross(x, memory, memory_mask, deterministic=deterministic), x, deterministic)
+    return feed_forward_block(cfg, self.dtype, x, deterministic)
 
 
 def _layer_cls(remat: bool):

@@ -72,8 +72,10 @@ class Attention(nn.Module):
   key/value projections map width_kv -> num_heads * head_dim, so cross-attention to a vision
   tower of another width needs no extra adapter. Without attention-probability dropout the
   computation goes through `jax.nn.dot_product_attention`, which picks a fused kernel on GPU.
-  With `sow_weights` the attention probabilities are stored in the `intermediates` collection
-  (Grad-CAM reads them), which forces the explicit softmax path.
+  With `sow_weights` the attention probabilities [batch, heads, q_len, kv_len] are stored in the
+  `intermediates` collection and pass through a Flax `perturb` point of the same name (collection
+  `perturbations`): a no-op unless the caller supplies that collection, whose gradient is then the
+  gradient w.r.t. the probabilities (Grad-CAM). This forces the explicit softmax path.
   """
   num_heads: int
   out_features: int
@@ -106,6 +108,7 @@ class Attention(nn.Module):
       weights = jax.nn.softmax(logits, axis=-1)
       if self.sow_weights:
         self.sow("intermediates", "attention_weights", weights)
+        weights = self.perturb("attention_weights", weights)
       if use_dropout:
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
       context = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)

@@ -32,12 +32,14 @@ class VitBlock(nn.Module):
   """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
   cfg: VisionConfig
   dtype: Any = jnp.float32
+  sow_weights: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None):
     cfg = self.cfg
     y = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm1")(x)
-    x = x + layers.Attention(cfg.num_heads, cfg.width, dtype=self.dtype, name="attn")(y, y, mask)
+    x = x + layers.Attention(cfg.num_heads, cfg.width, dtype=self.dtype, sow_weights=self.sow_weights,
+                             name="attn")(y, y, mask)
     y = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm2")(x)
     x = x + layers.Mlp(int(cfg.width * cfg.mlp_ratio), cfg.width, dtype=self.dtype, name="mlp")(y)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -52,10 +54,13 @@ class VisionTransformer(nn.Module):
   embeddings, without positions of their own; `extra_mask` masks their padding.
   Returns `states` (after the final LayerNorm) and `layer_cls` [depth, batch, width]: the CLS
   state after each block with the final LayerNorm applied (ViCHA's hierarchical alignment).
+  With `sow_weights` every block's attention probabilities are sown and perturbable
+  (`layers.Attention`; ITC-mode Grad-CAM).
   """
   cfg: VisionConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  sow_weights: bool = False
 
   def setup(self):
     cfg = self.cfg
@@ -72,7 +77,7 @@ class VisionTransformer(nn.Module):
     self.mask_token = self.param("mask_token", layers.with_axes(nn.initializers.zeros, (None, None, "embed")),
                                  (1, 1, cfg.width), jnp.float32)
     block = nn.remat(VitBlock) if self.remat else VitBlock
-    self.blocks = [block(cfg, self.dtype, name=f"block_{i}") for i in range(cfg.depth)]
+    self.blocks = [block(cfg, self.dtype, self.sow_weights, name=f"block_{i}") for i in range(cfg.depth)]
     self.norm = layers.LayerNorm(cfg.layer_norm_eps, self.dtype)
 
   def embed(self, images, patch_mask=None):
