@@ -191,7 +191,7 @@ def finetune_config(arg: str, *, fmt: str, kind: str, objectives: dict, eval_kin
   config.input.pp = ""
   config.input.mlm_prob = 0.0
   config.input.patch_size = config.model.vision.patch_size
-  config.input.num_train_examples = 0
+  config.input.num_train_examples = 3000 if demo else 128  # the demo task sets' train sizes
   config.total_steps = args.steps or (300 if demo else 4)
   config.optim = demo_optim(1e-4 if demo else 3e-4)
   config.optim.schedule.warmup_steps = 10 if demo else 1

@@ -488,6 +488,18 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: in
 # ----------------------------------------------------------------------------- eval
 
 
+def padded_process_rows(total: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+  """This process's eval row indices `i::n` of `total`, padded with -1 to whole batches.
+
+  Every process gets the same number of batches, so all run the same number of eval steps.
+  """
+  mine = np.arange(process_index, total, process_count)
+  per_process = math.ceil(total / process_count)
+  rows = np.full([math.ceil(per_process / batch_size) * batch_size], -1, np.int64)
+  rows[:len(mine)] = mine
+  return rows
+
+
 class EvalData:
   """One retrieval eval split: padded image and caption batches and the index maps.
 
@@ -531,12 +543,7 @@ class EvalData:
     return len(self.captions)
 
   def _padded_rows(self, total: int) -> np.ndarray:
-    """This process's row indices `i::n`, padded with -1 to whole batches (same on all)."""
-    mine = np.arange(self._process_index, total, self._process_count)
-    per_process = math.ceil(total / self._process_count)
-    rows = np.full([math.ceil(per_process / self.batch_size) * self.batch_size], -1, np.int64)
-    rows[:len(mine)] = mine
-    return rows
+    return padded_process_rows(total, self.batch_size, self._process_index, self._process_count)
 
   def image_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """dict(image float32 [B, H, W, 3], image_index int32 [B] (-1 on padding), valid [B]).

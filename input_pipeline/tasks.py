@@ -656,10 +656,8 @@ class TaskEvalData:
     return math.ceil(per_process / self.batch_size)
 
   def _padded_rows(self) -> np.ndarray:
-    mine = np.arange(self._process_index, self.num_examples, self._process_count)
-    rows = np.full([self.num_batches * self.batch_size], -1, np.int64)
-    rows[:len(mine)] = mine
-    return rows
+    return builder.padded_process_rows(self.num_examples, self.batch_size, self._process_index,
+                                       self._process_count)
 
   def batches(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches: the format's `EVAL_FIELDS`, `index` int32 [B], `valid` [B]."""

@@ -148,7 +148,7 @@ def test_zero_shot_retrieval_shows_matches_and_recalls(quickstart, tmp):
   assert "does not exist" not in text  # it loaded notebook 01's export instead of training
   # The tiny demo split: 64 images with 5 captions each.
   assert "64 images, 320 captions; similarity matrix (64, 320)" in text
-  assert _num_figures(notebook) == 1
+  assert _num_figures(notebook) == 2  # the top-matches grid and the Grad-CAM heat maps
   itc, reranked = _recall_rows(text, "ITC"), _recall_rows(text, "ITC + ITM top-4")
   assert len(itc) == 1 and len(reranked) == 1
   _check_recalls(itc[0])
