@@ -147,6 +147,16 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
   return c, args
 
 
+def shrink_finetune(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
+  """Length and optimiser of a `demo` (300 steps, lr 1e-4: a tenth of the demo pretraining's) or
+  `tiny` (4 steps) finetune; `args.steps` overrides the length."""
+  demo = args.size == "demo"
+  config.total_steps = args.steps or (300 if demo else 4)
+  config.optim = demo_optim(1e-4 if demo else 3e-4)
+  config.optim.schedule.warmup_steps = 10 if demo else 1
+  config.alpha_ramp_steps = 50 if demo else 2
+
+
 def finetune_config(arg: str, *, fmt: str, kind: str, objectives: dict, eval_kind: str, resolution: int,
                     max_len: int, lr: float, epochs: int, batch: int, num_train_examples: int,
                     warmup_steps: int = 100, heads: tuple = (),
@@ -192,10 +202,7 @@ def finetune_config(arg: str, *, fmt: str, kind: str, objectives: dict, eval_kin
   config.input.mlm_prob = 0.0
   config.input.patch_size = config.model.vision.patch_size
   config.input.num_train_examples = 3000 if demo else 128  # the demo task sets' train sizes
-  config.total_steps = args.steps or (300 if demo else 4)
-  config.optim = demo_optim(1e-4 if demo else 3e-4)
-  config.optim.schedule.warmup_steps = 10 if demo else 1
-  config.alpha_ramp_steps = 50 if demo else 2
+  shrink_finetune(config, args)
   config.eval.every_steps = config.total_steps
   config.eval.batch_size = 256 if demo else 32
   if args.batch:

@@ -99,17 +99,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # ALBEF evaluates after every epoch.
     config.eval = dict(every_steps=recipe["num_train_examples"] // config.batch_size, split="test",
                        batch_size=256, k_test=recipe["k_test"])
-  elif args.size == "demo":
-    # Fine-tunes the configs/albef.py:demo model: same shapes, a tenth of its learning rate.
-    config.total_steps = args.steps or 300
-    config.optim = common.demo_optim(1e-4)
-    config.optim.schedule.warmup_steps = 10
-    config.alpha_ramp_steps = 50
-    config.eval = dict(every_steps=config.total_steps, split="test", batch_size=256, k_test=16)
-  elif args.size == "tiny":
-    config.total_steps = args.steps or 4
-    config.optim = common.demo_optim(3e-4)
-    config.optim.schedule.warmup_steps = 1
-    config.alpha_ramp_steps = 2
-    config.eval = dict(every_steps=config.total_steps, split="test", batch_size=32, k_test=8)
+  else:
+    # Fine-tunes the configs/albef.py:demo (or :tiny) model: same shapes, a lower learning rate.
+    common.shrink_finetune(config, args)
+    demo = args.size == "demo"
+    config.eval = dict(every_steps=config.total_steps, split="test", batch_size=256 if demo else 32,
+                       k_test=16 if demo else 8)
   return config

@@ -500,6 +500,28 @@ def padded_process_rows(total: int, batch_size: int, process_index: int, process
   return rows
 
 
+def match_decoded(decoded: Iterator[dict], rows: np.ndarray, index_key: str) -> Iterator[dict | None]:
+  """Lines the decoded eval examples up with the rows they belong to.
+
+  Args:
+    decoded: the examples that survived decoding, ascending by `index_key` (the ones whose
+      decoding raised are missing from it).
+    rows: this process's row indices, ascending, -1 for padding (`padded_process_rows`).
+    index_key: the example field holding its row index.
+
+  Yields:
+    for each entry of `rows`, in order: the example of that index, or None for padding rows and
+    for indices missing from `decoded`.
+  """
+  pending = next(decoded, None)
+  for index in rows:
+    if index >= 0 and pending is not None and pending[index_key] == index:
+      yield pending
+      pending = next(decoded, None)
+    else:
+      yield None
+
+
 class EvalData:
   """One retrieval eval split: padded image and caption batches and the index maps.
 
@@ -551,22 +573,17 @@ class EvalData:
     Images the ops flagged invalid, and those whose decoding raised (missing from the
     decoded stream), are all-zero rows at their index, so the index maps stay aligned.
     """
-    decoded = self._images.as_numpy_iterator()
-    pending = next(decoded, None)
     invalid = 0
     rows = self._padded_rows(self.num_images)
+    matched = match_decoded(self._images.as_numpy_iterator(), rows, "image_index")
     for start in range(0, len(rows), self.batch_size):
       indices = rows[start:start + self.batch_size]
       images = np.zeros([len(indices), *self._image_shape], np.float32)
-      for k, index in enumerate(indices):
+      for k, (index, example) in enumerate(zip(indices, matched)):
         if index < 0:
           continue
-        if pending is not None and pending["image_index"] == index:
-          if pending["_valid"]:
-            images[k] = pending["image"]
-          else:
-            invalid += 1
-          pending = next(decoded, None)
+        if example is not None and example["_valid"]:
+          images[k] = example["image"]
         else:
           invalid += 1
       yield {"image": images, "image_index": indices.astype(np.int32), "valid": indices >= 0}

@@ -433,10 +433,11 @@ class VlpjaxDemo(tfds.core.GeneratorBasedBuilder):
 
 
 @contextlib.contextmanager
-def _build_lock(data_dir: str, config_name: str):
-  """Serialises concurrent builds of one config (e.g. two local processes) on one machine."""
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, f".vlpjax_demo-{config_name}.lock"), "w") as lock_file:
+def build_lock(directory: str, name: str):
+  """Serialises concurrent builds of one dataset `name` (e.g. two local processes) on one machine,
+  with an exclusive lock on `directory/.{name}.lock` (also used by `demo_tasks`)."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f".{name}.lock"), "w") as lock_file:
     fcntl.flock(lock_file, fcntl.LOCK_EX)
     try:
       yield
@@ -462,7 +463,7 @@ def build_demo(data_dir: str | None = None,
     raise ValueError(f"vlpjax_demo has no config {config!r}; known: {known}")
   builder = VlpjaxDemo(config=config, data_dir=data_dir)
   if not builder.is_prepared():
-    with _build_lock(data_dir, builder.builder_config.name):
+    with build_lock(data_dir, f"vlpjax_demo-{builder.builder_config.name}"):
       # Another process may have built it while this one waited for the lock: look again.
       builder = VlpjaxDemo(config=config, data_dir=data_dir)
       if not builder.is_prepared():

@@ -32,9 +32,7 @@ folder renamed into place, so readers only ever see complete data:
 
     directory = build_demo_task("vqa", "tiny")   # .../vqa-tiny/{train,test}.json, images/...
 """
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -527,18 +525,6 @@ def _is_built(directory: str, task: str, config: DemoTaskConfig) -> bool:
           and manifest["config"] == dataclasses.asdict(config))
 
 
-@contextlib.contextmanager
-def _build_lock(root: str, name: str):
-  """Serialises concurrent builds of one task demo (e.g. two local processes) on one machine."""
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f".{name}.lock"), "w") as lock_file:
-    fcntl.flock(lock_file, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 def build_demo_task(task: str, config: str | DemoTaskConfig = "default",
                     root: str | None = None) -> str:
   """The folder of the task demo, generated first if it is missing or outdated.
@@ -563,7 +549,7 @@ def build_demo_task(task: str, config: str | DemoTaskConfig = "default",
   directory = os.path.join(root, name)
   if _is_built(directory, task, config):
     return directory
-  with _build_lock(root, name):
+  with demo_data.build_lock(root, name):
     # Another process may have built it while this one waited for the lock: look again.
     if not _is_built(directory, task, config):
       staging = f"{directory}.tmp-{os.getpid()}"

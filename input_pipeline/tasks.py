@@ -555,6 +555,13 @@ def _text_ops(key: str, words: int, max_len: int) -> str:
   return f"clean_caption({words}, key={key!r})|tokenize({max_len}, key={key!r})"
 
 
+def _classification_ops(fmt: str, image: str, max_len: int) -> str:
+  """NLVR2 / SNLI-VE ops around the `image` op chain (both images for NLVR2): sentence, label."""
+  images = f"each_image(\"{image}\", keys=('image0', 'image1'))" if fmt == "nlvr2" else image
+  classes = NLVR2_CLASSES if fmt == "nlvr2" else SNLI_VE_CLASSES
+  return f"{images}|{_text_ops('sentence', TEXT_WORDS, max_len)}|class_label({classes})"
+
+
 def train_pp_spec(cfg) -> str:
   """The task's default training ops (ALBEF's finetuning transforms, METHODS.md §1.4).
 
@@ -580,12 +587,8 @@ def train_pp_spec(cfg) -> str:
     return (f"{image}|{_text_ops('question', QUESTION_WORDS_TRAIN, max_len)}"
             f"|tokenize_answers({int(_get(cfg, 'max_answers'))}, "
             f"{int(_get(cfg, 'answer_max_len'))})")
-  if fmt == "nlvr2":
-    return (f"each_image(\"{image}\", keys=('image0', 'image1'))"
-            f"|{_text_ops('sentence', TEXT_WORDS, max_len)}|class_label({NLVR2_CLASSES})")
-  if fmt == "snli_ve":
-    return (f"{image}|{_text_ops('sentence', TEXT_WORDS, max_len)}"
-            f"|class_label({SNLI_VE_CLASSES})")
+  if fmt in ("nlvr2", "snli_ve"):
+    return _classification_ops(fmt, image, max_len)
   return f"{image}|choose_caption|clean_caption({TEXT_WORDS})|tokenize({max_len})"
 
 
@@ -599,12 +602,8 @@ def eval_pp_spec(cfg) -> str:
   image = f"decode|resize({size})|normalize('clip')"
   if fmt == "vqa":
     return f"{image}|{_text_ops('question', QUESTION_WORDS_EVAL, max_len)}"
-  if fmt == "nlvr2":
-    return (f"each_image(\"{image}\", keys=('image0', 'image1'))"
-            f"|{_text_ops('sentence', TEXT_WORDS, max_len)}|class_label({NLVR2_CLASSES})")
-  if fmt == "snli_ve":
-    return (f"{image}|{_text_ops('sentence', TEXT_WORDS, max_len)}"
-            f"|class_label({SNLI_VE_CLASSES})")
+  if fmt in ("nlvr2", "snli_ve"):
+    return _classification_ops(fmt, image, max_len)
   return (f"decode|normalize_boxes(key='bbox', out='gt_box')"
           f"|normalize_boxes(key='proposal_boxes', out='proposals')"
           f"|pad_boxes({int(_get(cfg, 'max_proposals'))})|resize({size})|normalize('clip')"
@@ -661,22 +660,20 @@ class TaskEvalData:
 
   def batches(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches: the format's `EVAL_FIELDS`, `index` int32 [B], `valid` [B]."""
-    decoded = self._examples.as_numpy_iterator()
-    pending = next(decoded, None)
     invalid = failed = 0
     rows = self._padded_rows()
+    matched = builder.match_decoded(self._examples.as_numpy_iterator(), rows, "index")
     for start in range(0, len(rows), self.batch_size):
       indices = rows[start:start + self.batch_size]
       batch = {key: np.zeros([len(indices), *shape], dtype)
                for key, (shape, dtype) in self._fields.items()}
-      for k, index in enumerate(indices):
+      for k, (index, example) in enumerate(zip(indices, matched)):
         if index < 0:
           continue
-        if pending is not None and pending["index"] == index:
+        if example is not None:
           for key in batch:
-            batch[key][k] = pending[key]
-          invalid += int(not pending["_valid"])
-          pending = next(decoded, None)
+            batch[key][k] = example[key]
+          invalid += int(not example["_valid"])
         else:
           failed += 1
       batch["index"] = indices.astype(np.int32)
