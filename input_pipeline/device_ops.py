@@ -33,7 +33,7 @@ from input_pipeline.albef_augment import (ALBEF_OPS, CLIP_MEAN, CLIP_STD, IMAGEN
                                           IMAGENET_STD, NORMALIZATIONS, randaug_levels)
 
 # The device half of ALBEF's training pipeline; format with the image size and the canvas side
-# (the longest crop side, `ops_image.canvas_side(size)`).
+# (the longest crop side, `albef_augment.canvas_side(size)`).
 ALBEF_DEVICE_PP = "resize_canvas({size}, canvas={canvas})|flip|randaug(2, 7)|normalize('clip')"
 
 # Folded into the run seed before the step, fixed forever so that augmentations reproduce.
@@ -162,7 +162,7 @@ def get_resize_canvas(size: int, method: str = "bicubic", canvas: int | None = N
     if image.ndim == 1:
       if canvas is None:
         raise ValueError("resize_canvas: a packed (flat) image needs canvas= (the longest "
-                         "crop side, `ops_image.canvas_side`)")
+                         "crop side, `albef_augment.canvas_side`)")
       image = unpack(image, height_width, canvas)
     side = image.shape[0]
     row_weights = _resize_weights(height_width[0], size, side, kernel)  # [size, side]

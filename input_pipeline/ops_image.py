@@ -21,7 +21,8 @@ import tensorflow as tf
 
 from input_pipeline import registry
 from input_pipeline.albef_augment import (ALBEF_OPS, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN,  # noqa: F401
-                                          IMAGENET_STD, NORMALIZATIONS, randaug_levels)
+                                          IMAGENET_STD, NORMALIZATIONS, canvas_pixels, canvas_side,
+                                          randaug_levels)
 
 # PIL's decompression-bomb limit: larger images are flagged invalid before they are decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -379,23 +380,6 @@ def get_decode_random_resized_crop(size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 
     return _and_valid(example, ok)
 
   return fn
-
-
-def canvas_side(size: int, ratio=(3 / 4, 4 / 3)) -> int:
-  """Longest crop side (a multiple of 8) `decode_crop_canvas` writes for `size` and `ratio`.
-
-  A crop decoded at the largest DCT scale keeping its shorter side >= size has that side
-  < 2 * size (else a scale twice as large would do), so its longer side is below
-  2 * size * max aspect; for ALBEF's ratio range and size 256 that is 683 -> 688.
-  """
-  longest = 2 * size * max(ratio[1], 1 / ratio[0])
-  return int(math.ceil(longest / 8) * 8)
-
-
-def canvas_pixels(size: int, ratio=(3 / 4, 4 / 3)) -> int:
-  """Most crop pixels `decode_crop_canvas` writes: shorter side < 2 * size, longer side
-  < 2 * size * max aspect (349,526 for ALBEF's ratio range and size 256)."""
-  return int(math.ceil(2 * size * 2 * size * max(ratio[1], 1 / ratio[0])))
 
 
 def _fit_within(image: tf.Tensor, side: int, pixels: int) -> tf.Tensor:

@@ -65,6 +65,52 @@ def key_padding_mask(mask: Optional[jax.Array]) -> Optional[jax.Array]:
   return mask.astype(bool)[:, None, None, :]
 
 
+ATTENTION_IMPLEMENTATIONS = ("", "xla", "cudnn")
+# cuDNN's fused attention refuses odd sequence lengths in training (ViT's 1 + 256 tokens);
+# `padded_dot_product_attention` rounds them up to a multiple of this.
+CUDNN_LENGTH_MULTIPLE = 8
+# The default implementation uses cuDNN from this many scores per head (q_len * kv_len) up.
+CUDNN_MIN_SCORES = 128 * 128
+
+
+def _prefer_cudnn(query, key) -> bool:
+  """The default ('') picks cuDNN's fused kernel on GPUs for 16-bit compute and long sequences.
+
+  Measured on an H100 (bf16, 12 heads of 64, fwd + bwd, B=128): 257 tokens 0.97 ms against
+  XLA's 2.30; 30 tokens 0.14 ms against XLA's 0.10, so short sequences keep XLA.
+  """
+  return (jax.default_backend() == "gpu" and jnp.dtype(query.dtype) in (jnp.bfloat16, jnp.float16)
+          and query.shape[1] * key.shape[1] >= CUDNN_MIN_SCORES)
+
+
+def padded_dot_product_attention(query, key, value, mask=None, *, multiple: int,
+                                 implementation: Optional[str] = None):
+  """`jax.nn.dot_product_attention` with q/kv lengths zero-padded up to a multiple of `multiple`.
+
+  Padded keys are masked out (by `key_value_seq_lengths`, or by extending a given boolean
+  mask [batch, 1|heads, 1|q, kv] with False); padded query rows are dropped from the result,
+  so it equals the unpadded attention, gradients included.
+  """
+  batch, q_len, kv_len = query.shape[0], query.shape[1], key.shape[1]
+  q_pad, kv_pad = -q_len % multiple, -kv_len % multiple
+
+  def pad(x, n):
+    return jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+
+  kv_lengths = None
+  if mask is None:
+    if kv_pad:
+      kv_lengths = jnp.full((batch,), kv_len, jnp.int32)
+  else:
+    # cuDNN wants the mask (a bias to it) at full query and key length.
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, kv_len))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, q_pad), (0, 0)), constant_values=True)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, kv_pad)), constant_values=False)
+  out = jax.nn.dot_product_attention(pad(query, q_pad), pad(key, kv_pad), pad(value, kv_pad), mask=mask,
+                                     key_value_seq_lengths=kv_lengths, implementation=implementation)
+  return out[:, :q_len]
+
+
 class Attention(nn.Module):
   """Multi-head attention with separate query/key/value projections (BERT / ViT layout).
 
@@ -76,12 +122,16 @@ class Attention(nn.Module):
   `intermediates` collection and pass through a Flax `perturb` point of the same name (collection
   `perturbations`): a no-op unless the caller supplies that collection, whose gradient is then the
   gradient w.r.t. the probabilities (Grad-CAM). This forces the explicit softmax path.
+  `implementation` picks the fused kernel: 'xla', 'cudnn' (sequences padded to a multiple of
+  `CUDNN_LENGTH_MULTIPLE`, `padded_dot_product_attention`), or '' = cuDNN on a GPU with 16-bit
+  compute for long sequences (`CUDNN_MIN_SCORES`) when cuDNN accepts the shapes, XLA otherwise.
   """
   num_heads: int
   out_features: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   sow_weights: bool = False
+  implementation: str = ""
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask=None, *, deterministic=True):
@@ -112,8 +162,19 @@ class Attention(nn.Module):
       if use_dropout:
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
       context = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
+    elif self.implementation == "cudnn" or (self.implementation == "" and _prefer_cudnn(query, key)):
+      try:
+        context = padded_dot_product_attention(query, key, value, bool_mask, multiple=CUDNN_LENGTH_MULTIPLE,
+                                               implementation="cudnn")
+      except (NotImplementedError, ValueError):  # cuDNN refuses: only the default falls back
+        if self.implementation == "cudnn":
+          raise
+        context = jax.nn.dot_product_attention(query, key, value, mask=bool_mask, implementation="xla")
+    elif self.implementation in ("", "xla"):
+      context = jax.nn.dot_product_attention(query, key, value, mask=bool_mask, implementation="xla")
     else:
-      context = jax.nn.dot_product_attention(query, key, value, mask=bool_mask)
+      raise ValueError(f"unknown attention implementation {self.implementation!r}; known: "
+                       f"{ATTENTION_IMPLEMENTATIONS}")
     context = context.reshape(context.shape[:2] + (inner,))
     return Dense(self.out_features, ("heads", "embed"), dtype=self.dtype, name="out")(context)
 

@@ -17,6 +17,15 @@ class VisionConfig:
   num_heads: int = 12
   mlp_ratio: float = 4.0
   layer_norm_eps: float = 1e-6
+  # Fused attention kernel of the blocks: 'xla', 'cudnn' (GPU only; the 1 + patches tokens are
+  # padded to a multiple of 8, which its training kernels need) or '' (cuDNN on a GPU with
+  # bf16/fp16 compute for long sequences where it accepts them, else XLA).
+  attention_impl: str = ""
+
+  def __post_init__(self):
+    if self.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"config.model.vision.attention_impl={self.attention_impl!r}; known: "
+                       f"{layers.ATTENTION_IMPLEMENTATIONS}")
 
   @property
   def grid(self) -> int:
@@ -39,7 +48,7 @@ class VitBlock(nn.Module):
     cfg = self.cfg
     y = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm1")(x)
     x = x + layers.Attention(cfg.num_heads, cfg.width, dtype=self.dtype, sow_weights=self.sow_weights,
-                             name="attn")(y, y, mask)
+                             implementation=cfg.attention_impl, name="attn")(y, y, mask)
     y = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm2")(x)
     x = x + layers.Mlp(int(cfg.width * cfg.mlp_ratio), cfg.width, dtype=self.dtype, name="mlp")(y)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
