@@ -355,14 +355,11 @@ def rotation_matrix(height: int, width: int, degrees: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- RandAugment
 
 
-def _randaug_op(name: str, magnitude: float, fill: float) -> Callable:
-  """One RandAugment op as `fn(image, sign) -> image` with `ops_image._randaug_op`'s levels.
-
-  `image` is float32 [height, width, 3] of whole numbers; `sign` a float32 scalar +-1 that
-  only the geometric ops read. The levels come from `albef_augment.randaug_levels` in float64,
-  as the host's do, so both round to the same float32 arguments.
-  """
-  enhance, shear, shift, degrees = randaug_levels(magnitude)
+def _geometric_matrices(magnitude: float) -> dict[str, Callable]:
+  """The geometric RandAugment ops as `matrix(sign, height, width)` -> float32 [2, 3], the
+  forward map `affine` warps with (levels as `ops_image._randaug_op`'s)."""
+  _, shear, shift, degrees = randaug_levels(magnitude)
+  zero = jnp.float32(0)
 
   def shear_matrix(sx, sy):
     return jnp.stack([jnp.stack([1.0, sx, 0.0]), jnp.stack([sy, 1.0, 0.0])])
@@ -370,27 +367,40 @@ def _randaug_op(name: str, magnitude: float, fill: float) -> Callable:
   def translate_matrix(dx, dy):
     return jnp.stack([jnp.stack([1.0, 0.0, dx]), jnp.stack([0.0, 1.0, dy])])
 
-  def rotate(image, sign):
-    return affine(image, rotation_matrix(image.shape[0], image.shape[1], sign * degrees), fill)
-
-  zero = jnp.float32(0)
-  ops = {
-      "Identity": lambda image, sign: image,
-      "AutoContrast": lambda image, sign: autocontrast(image),
-      "Equalize": lambda image, sign: equalize(image),
-      "Brightness": lambda image, sign: brightness(image, enhance),
-      "Sharpness": lambda image, sign: sharpness(image, enhance),
-      "ShearX": lambda image, sign: affine(image, shear_matrix(sign * shear, zero), fill),
-      "ShearY": lambda image, sign: affine(image, shear_matrix(zero, sign * shear), fill),
-      "TranslateX": lambda image, sign: affine(image, translate_matrix(-sign * shift, zero),
-                                               fill),
-      "TranslateY": lambda image, sign: affine(image, translate_matrix(zero, -sign * shift),
-                                               fill),
-      "Rotate": rotate,
+  return {
+      "ShearX": lambda sign, height, width: shear_matrix(sign * shear, zero),
+      "ShearY": lambda sign, height, width: shear_matrix(zero, sign * shear),
+      "TranslateX": lambda sign, height, width: translate_matrix(-sign * shift, zero),
+      "TranslateY": lambda sign, height, width: translate_matrix(zero, -sign * shift),
+      "Rotate": lambda sign, height, width: rotation_matrix(height, width, sign * degrees),
   }
-  if name not in ops:
-    raise ValueError(f"randaug: unknown op {name!r}; known: {sorted(ops)}")
-  return ops[name]
+
+
+def _pixel_ops(magnitude: float) -> dict[str, Callable]:
+  """The RandAugment ops that keep pixels in place, as `fn(image) -> image`."""
+  enhance = randaug_levels(magnitude)[0]
+  return {
+      "Identity": lambda image: image,
+      "AutoContrast": autocontrast,
+      "Equalize": equalize,
+      "Brightness": lambda image: brightness(image, enhance),
+      "Sharpness": lambda image: sharpness(image, enhance),
+  }
+
+
+def _randaug_op(name: str, magnitude: float, fill: float) -> Callable:
+  """One RandAugment op as `fn(image, sign) -> image` with `ops_image._randaug_op`'s levels.
+
+  `image` is float32 [height, width, 3] of whole numbers; `sign` a float32 scalar +-1 that
+  only the geometric ops read. The levels come from `albef_augment.randaug_levels` in float64,
+  as the host's do, so both round to the same float32 arguments.
+  """
+  geometric, pixel = _geometric_matrices(magnitude), _pixel_ops(magnitude)
+  if name in geometric:
+    return lambda image, sign: affine(image, geometric[name](sign, image.shape[0], image.shape[1]), fill)
+  if name in pixel:
+    return lambda image, sign: pixel[name](image)
+  raise ValueError(f"randaug: unknown op {name!r}; known: {sorted({**geometric, **pixel})}")
 
 
 @register("randaug")
@@ -400,19 +410,35 @@ def get_randaug(num_ops: int = 2, magnitude: float = 7, ops=ALBEF_OPS, prob: flo
 
   `num_ops` rounds; each draws an op uniformly from `ops` (with replacement), applies it with
   probability `prob` (u < prob, so prob=0 never applies) and, for the geometric ops, a random
-  sign +-1. Under vmap `lax.switch` evaluates every op and selects one, so a round costs all
-  ops together. Reads `image` uint8 or float32 [batch, height, width, 3]; writes float32 of
-  whole numbers.
+  sign +-1. Under vmap `lax.switch` evaluates every branch and selects one; the geometric ops
+  (shears, translations, rotation) therefore share one branch: the drawn op's matrix is
+  selected first and the image warped once, not once per geometric op. Reads `image` uint8
+  or float32 [batch, height, width, 3]; writes float32 of whole numbers.
   """
-  branches = [_randaug_op(name, magnitude, fill) for name in ops]
+  for name in ops:
+    _randaug_op(name, magnitude, fill)  # unknown names fail here, naming the op
+  geometric, pixel = _geometric_matrices(magnitude), _pixel_ops(magnitude)
+  geometric_names = [name for name in ops if name in geometric]
+  pixel_names = sorted({name for name in ops if name in pixel}, key=list(ops).index)
+  # ops[choice] -> (its branch, its matrix if geometric); the warp is branch len(pixel_names).
+  branch_of = jnp.asarray([pixel_names.index(n) if n in pixel else len(pixel_names) for n in ops])
+  matrix_of = jnp.asarray([geometric_names.index(n) if n in geometric else 0 for n in ops])
+  branches = [lambda image, warped, fn=pixel[name]: fn(image) for name in pixel_names]
+  branches.append(lambda image, warped: warped)
 
   def augment_one(image, key):
+    height, width = image.shape[0], image.shape[1]
     for k in range(num_ops):
       choice_key, apply_key, sign_key = jax.random.split(jax.random.fold_in(key, k), 3)
-      choice = jax.random.randint(choice_key, (), 0, len(branches))
+      choice = jax.random.randint(choice_key, (), 0, len(ops))
       apply = jax.random.uniform(apply_key) < prob
       sign = jnp.where(jax.random.uniform(sign_key) < 0.5, -1.0, 1.0).astype(jnp.float32)
-      augmented = jax.lax.switch(choice, branches, image, sign)
+      warped = image
+      if geometric_names:
+        matrix = jax.lax.switch(matrix_of[choice], [
+            lambda s, fn=geometric[name]: fn(s, height, width) for name in geometric_names], sign)
+        warped = affine(image, matrix, fill)
+      augmented = jax.lax.switch(branch_of[choice], branches, image, warped)
       image = jnp.where(apply, augmented, image)
     return image
 

@@ -121,6 +121,28 @@ def test_single_op_randaug_applies_the_host_op_with_a_random_sign():
   assert set(signs) == {1.0, -1.0}
 
 
+def test_randaug_equals_a_loop_over_the_single_ops():
+  """The fused batch op (one warp for all geometric ops) against each row done op by op with
+  `_randaug_op` and the same draws (row key fold_in(key, row); round k's keys split from
+  fold_in(row key, k))."""
+  images = np.stack([_scene(20, 28, seed) for seed in range(24)]).astype(np.float32)
+  key = jax.random.key(5)
+  got = np.asarray(jax.jit(device_ops.get_randaug(2, 7, prob=0.7))({"image": images}, key)["image"])
+  single = {name: jax.jit(device_ops._randaug_op(name, 7, 128)) for name in device_ops.ALBEF_OPS}
+  drawn = set()
+  for row, image in enumerate(images):
+    row_key, image = jax.random.fold_in(key, row), jnp.asarray(image)
+    for k in range(2):
+      choice_key, apply_key, sign_key = jax.random.split(jax.random.fold_in(row_key, k), 3)
+      name = device_ops.ALBEF_OPS[int(jax.random.randint(choice_key, (), 0, len(device_ops.ALBEF_OPS)))]
+      sign = -1.0 if float(jax.random.uniform(sign_key)) < 0.5 else 1.0
+      if float(jax.random.uniform(apply_key)) < 0.7:
+        image = single[name](image, jnp.float32(sign))
+        drawn.add(name)
+    np.testing.assert_array_equal(got[row], np.asarray(image), err_msg=f"row {row}")
+  assert len(drawn) >= 7  # most ops, geometric and not, were exercised
+
+
 # ----------------------------------------------------------------------------- resize
 
 
