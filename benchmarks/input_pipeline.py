@@ -153,24 +153,16 @@ def run_device_half(annotations: str, image_root: str, vocab: str, batch: int,
                     repeats: int = 20) -> tuple[float, str]:
   """(ms per image, backend) of the accelerator half of `device_augment` on JAX's default
   backend: resize_canvas, flip, RandAugment(2, 7), normalise on one host batch of canvases."""
-  import jax
   from input_pipeline import builder
-  from input_pipeline import device_ops
 
   cfg = _input_config(annotations, image_root, vocab, 0, device_augment=True)
   it = builder.make_train_iterator(cfg, global_batch_size=batch, seed=0, process_index=0,
                                    process_count=1)
   host = next(it)
   it.close()
-  augment = device_ops.make_augment(builder.device_pp_spec(cfg), seed=0)
-  images = {"image": jax.device_put(host["image"]), "image_hw": jax.device_put(host["image_hw"])}
-  jax.block_until_ready(augment(images, 0))
-  start = time.perf_counter()
-  for step in range(1, repeats + 1):
-    out = augment(images, step)
-  jax.block_until_ready(out)
-  per_image = (time.perf_counter() - start) / (repeats * batch) * 1e3
-  return per_image, f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+  timing = time_device_half({"image": host["image"], "image_hw": host["image_hw"]},
+                            builder.device_pp_spec(cfg), repeats)
+  return timing["pipelined_ms"] / batch, timing["backend"]
 
 
 def synthetic_canvases(batch: int, size: int = 256, seed: int = 0) -> dict:
@@ -194,11 +186,18 @@ def synthetic_canvases(batch: int, size: int = 256, seed: int = 0) -> dict:
 def run_device_half_synthetic(batch: int, size: int = 256, repeats: int = 50) -> dict:
   """Timings (ms) of the accelerator half on `synthetic_canvases`: the host-to-device copy of
   the packed batch, and ALBEF_DEVICE_PP (resize_canvas|flip|randaug(2, 7)|normalize)."""
+  from input_pipeline import device_ops
+
+  spec = device_ops.ALBEF_DEVICE_PP.format(size=size, canvas=albef_augment.canvas_side(size))
+  return time_device_half(synthetic_canvases(batch, size), spec, repeats)
+
+
+def time_device_half(host: dict, spec: str, repeats: int) -> dict:
+  """Timings (ms) of the device ops `spec` on the host batch `host` (image, image_hw): its
+  host-to-device copy, one synced call (median) and `repeats` calls dispatched back to back."""
   import jax
   from input_pipeline import device_ops
 
-  host = synthetic_canvases(batch, size)
-  spec = device_ops.ALBEF_DEVICE_PP.format(size=size, canvas=albef_augment.canvas_side(size))
   augment = device_ops.make_augment(spec, seed=0)
   images = jax.device_put(host)
   jax.block_until_ready(augment(images, 0))
@@ -217,7 +216,8 @@ def run_device_half_synthetic(batch: int, size: int = 256, repeats: int = 50) ->
     out = augment(images, step)
   jax.block_until_ready(out)
   pipelined = (time.perf_counter() - start) / repeats
-  return dict(batch=batch, backend=f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+  return dict(batch=len(host["image"]),
+              backend=f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
               mbytes=host["image"].nbytes / 1e6, copy_ms=1e3 * float(np.median(copies)),
               augment_ms=1e3 * float(np.median(times)), pipelined_ms=1e3 * pipelined)
 

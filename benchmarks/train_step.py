@@ -10,6 +10,7 @@ Model FLOPs are counted from the step's jaxpr (vlpjax/flops.py: student forward 
 teacher forward), with remat off; MFU = FLOPs/img * img/s / peak.
 """
 import os
+import re
 import sys
 import time
 
@@ -106,7 +107,6 @@ def bench_one(spec: str) -> dict:
 def _scope(op_name: str) -> str:
   """The model scope of a device op from JAX's name stack (HLO metadata op_name or 'tf_op'),
   layers merged (block_3 -> block_*), backward-pass ops marked 'bwd:'."""
-  import re
   parts = [re.sub(r"_\d+$", "_*", p) for p in op_name.split("/") if p and not p.startswith(
       ("jit(", "pjit(", "jvp(", "transpose(", "remat", "checkpoint", "while", "body", "cond"))]
   return ("bwd:" if "transpose(" in op_name else "") + "/".join(parts[:3])
@@ -114,7 +114,6 @@ def _scope(op_name: str) -> str:
 
 def _hlo_op_names(hlo: str) -> dict:
   """HLO instruction name -> its metadata op_name (JAX's name stack)."""
-  import re
   pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]+)\"", re.M)
   return {m.group(1): m.group(2) for m in pattern.finditer(hlo)}
 
@@ -124,7 +123,6 @@ def profile(spec: str, compiled, state, batches) -> None:
   import glob
   import gzip
   import json
-  import re
   import jax
   from jax.profiler import ProfileData
 

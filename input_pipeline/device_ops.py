@@ -418,8 +418,8 @@ def get_randaug(num_ops: int = 2, magnitude: float = 7, ops=ALBEF_OPS, prob: flo
   for name in ops:
     _randaug_op(name, magnitude, fill)  # unknown names fail here, naming the op
   geometric, pixel = _geometric_matrices(magnitude), _pixel_ops(magnitude)
-  geometric_names = [name for name in ops if name in geometric]
-  pixel_names = sorted({name for name in ops if name in pixel}, key=list(ops).index)
+  geometric_names = list(dict.fromkeys(name for name in ops if name in geometric))
+  pixel_names = list(dict.fromkeys(name for name in ops if name in pixel))
   # ops[choice] -> (its branch, its matrix if geometric); the warp is branch len(pixel_names).
   branch_of = jnp.asarray([pixel_names.index(n) if n in pixel else len(pixel_names) for n in ops])
   matrix_of = jnp.asarray([geometric_names.index(n) if n in geometric else 0 for n in ops])
@@ -428,6 +428,7 @@ def get_randaug(num_ops: int = 2, magnitude: float = 7, ops=ALBEF_OPS, prob: flo
 
   def augment_one(image, key):
     height, width = image.shape[0], image.shape[1]
+    matrices = [lambda s, fn=geometric[name]: fn(s, height, width) for name in geometric_names]
     for k in range(num_ops):
       choice_key, apply_key, sign_key = jax.random.split(jax.random.fold_in(key, k), 3)
       choice = jax.random.randint(choice_key, (), 0, len(ops))
@@ -435,8 +436,7 @@ def get_randaug(num_ops: int = 2, magnitude: float = 7, ops=ALBEF_OPS, prob: flo
       sign = jnp.where(jax.random.uniform(sign_key) < 0.5, -1.0, 1.0).astype(jnp.float32)
       warped = image
       if geometric_names:
-        matrix = jax.lax.switch(matrix_of[choice], [
-            lambda s, fn=geometric[name]: fn(s, height, width) for name in geometric_names], sign)
+        matrix = jax.lax.switch(matrix_of[choice], matrices, sign)
         warped = affine(image, matrix, fill)
       augmented = jax.lax.switch(branch_of[choice], branches, image, warped)
       image = jnp.where(apply, augmented, image)

@@ -135,6 +135,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask=None, *, deterministic=True):
+    if self.implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"unknown attention implementation {self.implementation!r}; known: "
+                       f"{ATTENTION_IMPLEMENTATIONS}")
     inner = self.out_features
     if inner % self.num_heads:
       raise ValueError(f"width {inner} is not divisible by {self.num_heads} heads")
@@ -162,19 +165,17 @@ class Attention(nn.Module):
       if use_dropout:
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
       context = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
-    elif self.implementation == "cudnn" or (self.implementation == "" and _prefer_cudnn(query, key)):
-      try:
-        context = padded_dot_product_attention(query, key, value, bool_mask, multiple=CUDNN_LENGTH_MULTIPLE,
-                                               implementation="cudnn")
-      except (NotImplementedError, ValueError):  # cuDNN refuses: only the default falls back
-        if self.implementation == "cudnn":
-          raise
-        context = jax.nn.dot_product_attention(query, key, value, mask=bool_mask, implementation="xla")
-    elif self.implementation in ("", "xla"):
-      context = jax.nn.dot_product_attention(query, key, value, mask=bool_mask, implementation="xla")
     else:
-      raise ValueError(f"unknown attention implementation {self.implementation!r}; known: "
-                       f"{ATTENTION_IMPLEMENTATIONS}")
+      context = None
+      if self.implementation == "cudnn" or (self.implementation == "" and _prefer_cudnn(query, key)):
+        try:
+          context = padded_dot_product_attention(query, key, value, bool_mask,
+                                                 multiple=CUDNN_LENGTH_MULTIPLE, implementation="cudnn")
+        except (NotImplementedError, ValueError):  # cuDNN refuses: only the default falls back
+          if self.implementation == "cudnn":
+            raise
+      if context is None:
+        context = jax.nn.dot_product_attention(query, key, value, mask=bool_mask, implementation="xla")
     context = context.reshape(context.shape[:2] + (inner,))
     return Dense(self.out_features, ("heads", "embed"), dtype=self.dtype, name="out")(context)
 
