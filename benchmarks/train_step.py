@@ -37,42 +37,39 @@ FLAGS = flags.FLAGS
 def bench_one(spec: str) -> dict:
   import jax
   import numpy as np
-  from vlpjax import flops, optim, sharding, state as state_lib, step as step_lib, synthetic
-  from vlpjax.models import vlp
+  from vlpjax import flops, sharding, state as state_lib, step as step_lib, synthetic
 
   from vlpjax import config_lib
   config = config_lib.load_config(spec)
   config.batch_size = FLAGS.batch
   config.input.max_len = FLAGS.text_len
   config.input.synthetic = True
-  config.queue_size = config.queue_size - config.queue_size % FLAGS.batch
+  if "itc" in config.objectives and config.objectives.itc.get("queue_size", 0):
+    config.objectives.itc.queue_size -= config.objectives.itc.queue_size % FLAGS.batch
+  config.steps_per_epoch = 100
+  config.total_steps = 1000
   if FLAGS.dtype:
     config.model.dtype = FLAGS.dtype
   if FLAGS.attention_impl:
     config.model.vision.attention_impl = FLAGS.attention_impl
   mesh = sharding.make_mesh(dict(data=-1))
-  rules = sharding.logical_rules(FLAGS.rules)
+  config.sharding.rules = FLAGS.rules
 
   def build(remat):
     config.model.remat = remat
-    model = vlp.VLPModel(vlp.ModelConfig.from_config(config.model))
-    abstract_params = jax.eval_shape(lambda: state_lib.make_init_fn(model, __import__("optax").identity(), 0)(
-        jax.random.PRNGKey(0)).params)
-    tx, schedule = optim.make_optimizer(config.optim, params=abstract_params, total_steps=1000, steps_per_epoch=100)
-    abstract, shardings = state_lib.abstract_state(model, tx, config.queue_size, mesh, rules)
-    step = step_lib.make_train_step(model, tx, config, mesh=mesh, rules=rules, state_shardings=shardings,
-                                    schedule=schedule, alpha_ramp_steps=100)
-    return model, tx, abstract, shardings, step
+    setup = state_lib.setup_state(config, mesh)
+    return setup, step_lib.train_step_for(setup)
 
   # Model FLOPs: counted with XLA attention, whose matmuls the jaxpr shows (a cuDNN call is opaque).
   attention = config.model.vision.get("attention_impl", "")
   config.model.vision.attention_impl = "xla"
-  model, _, abstract, _, step = build(False)
+  setup, step = build(False)
   batch_shapes = synthetic.batch_shapes(config, FLAGS.batch)
-  flops_per_img = flops.count_flops(step.jitted, abstract, batch_shapes) / FLAGS.batch
+  flops_per_img = flops.count_flops(step.jitted, setup.abstract, batch_shapes) / FLAGS.batch
   config.model.vision.attention_impl = attention
-  model, tx, abstract, shardings, step = build(FLAGS.remat)
-  state = state_lib.create_state(model, tx, config.queue_size, shardings, jax.random.PRNGKey(0))
+  setup, step = build(FLAGS.remat)
+  model = setup.model
+  state = setup.create(0)
   batches = synthetic.SyntheticIterator(config, mesh, FLAGS.batch, seed=0)
   t0 = time.perf_counter()
   compiled = step.lower(state, next(batches)).compile()

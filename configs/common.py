@@ -56,8 +56,8 @@ def demo_text(vocab_size: int) -> dict:
               max_positions=64, dropout=0.1, attention_dropout=0.0)
 
 
-def albef_objectives() -> dict:
-  return dict(itc=dict(weight=1.0, distill=True, id_positives=False),
+def albef_objectives(queue_size: int = 65536) -> dict:
+  return dict(itc=dict(weight=1.0, distill=True, id_positives=False, queue_size=queue_size),
               itm=dict(weight=1.0, scope="local"),
               mlm=dict(weight=1.0, distill=True))
 
@@ -86,10 +86,8 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
   c.num_epochs = 30
   c.total_steps = 0
   c.steps_per_epoch = 0
-  c.momentum = 0.995
-  c.alpha = 0.4
-  c.alpha_ramp_steps = -1
-  c.queue_size = 65536
+  # The EMA teacher (ALBEF's momentum model): momentum 0 would mean no teacher at all.
+  c.teacher = dict(momentum=0.995, alpha=0.4, alpha_ramp_steps=-1)
   c.model = dict(vision=vit_b16(256), text=bert_base(), fusion="cross", embed_dim=256,
                  heads=("itc", "itm", "mlm"), dtype="bfloat16", remat=False)
   c.objectives = albef_objectives()
@@ -107,7 +105,7 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
     c.batch_size = 16
     c.total_steps = 4
     c.steps_per_epoch = 2
-    c.queue_size = 32
+    c.objectives.itc.queue_size = 32
     c.model.vision = tiny_vision(32)
     c.model.text = tiny_text(inputs.DEMO_VOCAB_SIZE)
     c.model.dtype = "float32"
@@ -125,14 +123,14 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
     # No queue: trained from scratch, the towers start with near-identical features, and a queue of
     # stale copies of them dominates the early ITC gradient (measured: in-batch ITC accuracy stays
     # at chance for 200 steps with a 256-row queue, reaches 22% by step 150 without one).
-    c.queue_size = 0
+    c.objectives.itc.queue_size = 0
     c.model.vision = demo_vision()
     c.model.text = demo_text(inputs.DEMO_VOCAB_SIZE)
     c.model.dtype = "float32"
     # Trained from scratch in minutes (ALBEF starts from DeiT + BERT): a higher learning rate and
     # a faster-moving teacher; momentum 0.995 lags ~200 steps, a third of the whole demo run.
     c.optim = demo_optim(1e-3)
-    c.momentum = 0.9
+    c.teacher.momentum = 0.9
     c.input = inputs.demo_input(image_size=64, max_len=24, config="default")
     c.input.patch_size = 8
     c.eval = dict(every_steps=200, split="test", batch_size=250, k_test=0)
@@ -155,7 +153,7 @@ def shrink_finetune(config: ml_collections.ConfigDict, args: ml_collections.Conf
   config.total_steps = args.steps or (300 if demo else 4)
   config.optim = demo_optim(1e-4 if demo else 3e-4)
   config.optim.schedule.warmup_steps = 10 if demo else 1
-  config.alpha_ramp_steps = 50 if demo else 2
+  config.teacher.alpha_ramp_steps = 50 if demo else 2
 
 
 def finetune_config(arg: str, *, fmt: str, kind: str, objectives: dict, eval_kind: str, resolution: int,
@@ -176,7 +174,6 @@ def finetune_config(arg: str, *, fmt: str, kind: str, objectives: dict, eval_kin
   config.model.kind = kind
   config.model.heads = heads
   config.objectives = objectives
-  config.queue_size = 0
   config.input.mlm_prob = 0.0
   config.input.format = fmt
   config.input.pp = ""  # the task's default ops (input_pipeline.tasks.train_pp_spec)

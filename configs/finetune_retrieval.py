@@ -62,9 +62,9 @@ def _split_benchmark(arg: str) -> tuple[str, str]:
   return (names[0] if names else ""), rest
 
 
-def retrieval_objectives() -> dict:
+def retrieval_objectives(queue_size: int = 0) -> dict:
   """ITC with positives = every pair of the same image (batch and idx queue) + ITM; no MLM."""
-  return dict(itc=dict(weight=1.0, distill=True, id_positives=True),
+  return dict(itc=dict(weight=1.0, distill=True, id_positives=True, queue_size=queue_size),
               itm=dict(weight=1.0, scope="local"))
 
 
@@ -77,7 +77,7 @@ def finetune_pp(image_size: int, max_len: int) -> str:
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   benchmark, rest = _split_benchmark(arg)
   config, args = common.base_config(rest)
-  config.objectives = retrieval_objectives()
+  config.objectives = retrieval_objectives(config.objectives.itc.queue_size)
   config.model.heads = ("itc", "itm")
   config.input.mlm_prob = 0.0
 
@@ -95,7 +95,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.input.pp = finetune_pp(config.input.image_size, MAX_LEN)
     if args.batch:
       config.batch_size = args.batch
-    config.queue_size -= config.queue_size % config.batch_size
+    config.objectives.itc.queue_size -= config.objectives.itc.queue_size % config.batch_size
     # ALBEF evaluates after every epoch.
     config.eval = dict(every_steps=recipe["num_train_examples"] // config.batch_size, split="test",
                        batch_size=256, k_test=recipe["k_test"])

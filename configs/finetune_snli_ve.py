@@ -28,5 +28,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       arg, fmt="snli_ve", kind="ve", objectives=dict(cls=dict(weight=1.0, distill=True)),
       eval_kind="classification", resolution=384, max_len=40, lr=2e-5, epochs=5, batch=256,
       num_train_examples=529_527)
-  config.alpha_ramp_steps = 0  # ALBEF's VE uses alpha 0.4 from the first step
+  config.teacher.alpha_ramp_steps = 0  # ALBEF's VE uses alpha 0.4 from the first step
   return config

@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.gradcam_layer = min(2, config.model.text.fusion_layers - 1)
   config.eval.gradcam_mode = "itm"
   if not args.size:
-    config.queue_size = 65536
+    config.objectives.itc.queue_size = 65536
     config.optim.schedule.warmup_lr = 1e-5  # ALBEF: epoch 0 flat at the base lr
-  config.queue_size -= config.queue_size % config.batch_size
+  config.objectives.itc.queue_size -= config.objectives.itc.queue_size % config.batch_size
   return config

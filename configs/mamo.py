@@ -33,9 +33,7 @@ def get_config(arg: str = ""):
   config.input.patch_mask_strategy = "random"
   config.input.mlm_prob = 0.15
   config.objectives = dict(
-      itc=dict(weight=1.0, distill=True, id_positives=False),
-      itm=dict(weight=1.0, scope="local"),
-      mlm=dict(weight=1.0, distill=True),
+      common.albef_objectives(config.objectives.itc.queue_size),
       mrm=dict(weight=1.0, top_k=3, target_norm="layernorm", loss="mse", beta=1.0),
       mim=dict(weight=1.0, loss="cosine", target_norm="none"),
   )

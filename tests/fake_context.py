@@ -142,6 +142,11 @@ class FakeModel:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelConfigStub:
+  embed_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
 class FakeContext:
   """The attributes the objectives read from the real context (vlpjax/objectives/context.py)."""
   cfg: ml_collections.ConfigDict
@@ -153,15 +158,16 @@ class FakeContext:
   text_feat: jax.Array
   ema_image_feat: jax.Array
   ema_text_feat: jax.Array
-  queues: dict
+  objective_state: dict
+  model_config: Any
   itc_sims: dict
   image: dict
   text: dict
   student: FakeModel
   teacher: FakeModel
-  masked: dict
-  ema_masked: dict
-  ema_clean: dict
+  masked_fusion: dict
+  ema_masked_fusion: dict
+  ema_clean_fusion: dict
   ema_image: dict
 
 
@@ -258,15 +264,16 @@ def build_context(params, teacher_params, inputs: dict, cfg: dict | None = None,
       text_feat=text_feat,
       ema_image_feat=sg(ema_image_feat),
       ema_text_feat=sg(ema_text_feat),
-      queues=queues,
+      objective_state={"itc": queues},
+      model_config=ModelConfigStub(embed_dim=int(queues["image"].shape[1])),
       itc_sims=itc_sims,
       image={"states": image_states},
       text={"states": text_states},
       student=student,
       teacher=teacher,
-      masked=masked,
-      ema_masked={"text_states": sg(ema_masked["text_states"])},
-      ema_clean=jax.tree.map(sg, ema_clean),
+      masked_fusion=masked,
+      ema_masked_fusion={"text_states": sg(ema_masked["text_states"])},
+      ema_clean_fusion=jax.tree.map(sg, ema_clean),
       ema_image={"states": sg(ema_image_states)},
   )
 

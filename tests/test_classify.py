@@ -501,7 +501,7 @@ def _real_grads(kind: str, objective: str, cfg=None):
   loss_fn = getattr(objectives, {"cls": "cls_loss", "nlvr_ta": "nlvr_ta_loss"}[objective])
 
   def total(params, ema_params):
-    ctx = context_lib.Context(model=model, params=params, ema_params=ema_params, queues={}, batch=batch,
+    ctx = context_lib.Context(model=model, params=params, ema_params=ema_params, objective_state={}, batch=batch,
                               rng=jax.random.key(0), step=jnp.zeros((), jnp.int32), alpha=jnp.float32(0.4),
                               num_groups=1, cfg=ml_collections.ConfigDict(cfg or {}))
     return loss_fn(ctx, batch)[0]

@@ -95,13 +95,9 @@ def test_command_line_prints_and_writes_results(random_export, demo_data_dir, tm
 
 
 def _fresh_state(config):
-  model = train.build_model(config)
   mesh = sharding.make_mesh(config.sharding.mesh.to_dict())
-  rules = sharding.logical_rules(config.sharding.rules)
-  abstract_params = jax.eval_shape(lambda: _init_params(config, 0))
-  tx, _ = optim.make_optimizer(config.optim, params=abstract_params, total_steps=100, steps_per_epoch=50)
-  _, shardings = state_lib.abstract_state(model, tx, int(config.queue_size), mesh, rules)
-  return state_lib.create_state(model, tx, int(config.queue_size), shardings, jax.random.PRNGKey(0)), shardings
+  setup = state_lib.setup_state(config, mesh)
+  return setup.create(0), setup.shardings
 
 
 def _converter_dir(directory, params, ema, queues):
@@ -125,52 +121,52 @@ def test_init_from_converter_dir_loads_ema_and_queues(tmp_path):
   ema = jax.tree.map(lambda x: x + 1.0, source)
   del ema["itm_head"]   # ALBEF has no momentum ITM head: the EMA follows the online one there
   rng = np.random.default_rng(0)
-  shape = state.queues["image"].shape
+  shape = state.objective_state["itc"]["image"].shape
   queues = dict(image=rng.normal(size=shape).astype(np.float32), text=rng.normal(size=shape).astype(np.float32),
                 idx=np.arange(shape[0], dtype=np.int32), ptr=np.asarray(5, np.int32))
   path = _converter_dir(tmp_path / "converted", source, ema, queues)
-  out = train._init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=())), shardings)
+  out = train.init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=())), shardings)
 
   got_params, got_ema, want_ema = _flat(out.params), _flat(out.ema_params), _flat(ema)
   want_params = _flat(source)
   for name, value in got_params.items():
     np.testing.assert_array_equal(value, want_params[name])
     np.testing.assert_array_equal(got_ema[name], want_ema[name] if name in want_ema else want_params[name])
-  np.testing.assert_array_equal(np.asarray(out.queues["image"]), queues["image"])
-  np.testing.assert_array_equal(np.asarray(out.queues["text"]), queues["text"])
-  np.testing.assert_array_equal(np.asarray(out.queues["idx"]), np.full(shape[0], -1))  # ids restart empty
-  assert int(out.queues["ptr"]) == 0
-  assert out.queues["image"].sharding == shardings.queues["image"]
+  np.testing.assert_array_equal(np.asarray(out.objective_state["itc"]["image"]), queues["image"])
+  np.testing.assert_array_equal(np.asarray(out.objective_state["itc"]["text"]), queues["text"])
+  np.testing.assert_array_equal(np.asarray(out.objective_state["itc"]["idx"]), np.full(shape[0], -1))  # ids restart empty
+  assert int(out.objective_state["itc"]["ptr"]) == 0
+  assert out.objective_state["itc"]["image"].sharding == shardings.objective_state["itc"]["image"]
 
 
 def test_init_from_keeps_fresh_queues_of_another_size_and_copies_params_without_ema(tmp_path):
   config = finetune_retrieval.get_config("tiny")
   state, shardings = _fresh_state(config)
   source = _init_params(albef.get_config("tiny"), seed=2)
-  rows, width = state.queues["image"].shape
+  rows, width = state.objective_state["itc"]["image"].shape
   queues = dict(image=np.ones((2 * rows, width), np.float32), text=np.ones((2 * rows, width), np.float32),
                 idx=np.zeros(2 * rows, np.int32), ptr=np.asarray(0, np.int32))
   path = _converter_dir(tmp_path / "converted", source, None, queues)
-  out = train._init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=("itm_head/.*",))), shardings)
+  out = train.init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=("itm_head/.*",))), shardings)
   got_params, got_ema, fresh = _flat(out.params), _flat(out.ema_params), _flat(state.params)
   for name, value in got_params.items():
     want = fresh[name] if name.startswith("itm_head/") else _flat(source)[name]
     np.testing.assert_array_equal(value, want)
     np.testing.assert_array_equal(got_ema[name], value)
-  np.testing.assert_array_equal(np.asarray(out.queues["image"]), np.asarray(state.queues["image"]))
+  np.testing.assert_array_equal(np.asarray(out.objective_state["itc"]["image"]), np.asarray(state.objective_state["itc"]["image"]))
 
 
 def test_init_from_train_checkpoint_takes_its_ema(tmp_path):
   pretrain = albef.get_config("tiny,steps=2")
   pretrain.input.synthetic = True
   pretrain.eval.every_steps = 0
-  pretrain.momentum = 0.5   # an EMA visibly different from the params after two steps
+  pretrain.teacher.momentum = 0.5   # an EMA visibly different from the params after two steps
   workdir = str(tmp_path / "pretrain")
   train.train_and_evaluate(pretrain, workdir)
   config = finetune_retrieval.get_config("tiny")
   state, shardings = _fresh_state(config)
   path = str(checkpoint.checkpoint_dir(workdir))
-  out = train._init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=())), shardings)
+  out = train.init_from(train.build_model(config), state, ml_collections.ConfigDict(dict(path=path, dont_load=())), shardings)
   root, step = checkpoint.locate_checkpoint(path)
   assert step == 2
   saved = checkpoint.load_params(root / str(step) / "state")   # the whole saved TrainState
@@ -182,5 +178,5 @@ def test_init_from_train_checkpoint_takes_its_ema(tmp_path):
     np.testing.assert_array_equal(got_ema[name], want_ema[name])
     differs += not np.array_equal(want_ema[name], value)
   assert differs > len(got_params) // 2
-  np.testing.assert_array_equal(np.asarray(out.queues["text"]), saved["queues"]["text"])
-  np.testing.assert_array_equal(np.asarray(out.queues["idx"]), np.full(config.queue_size, -1))
+  np.testing.assert_array_equal(np.asarray(out.objective_state["itc"]["text"]), saved["objective_state"]["itc"]["text"])
+  np.testing.assert_array_equal(np.asarray(out.objective_state["itc"]["idx"]), np.full(config.objectives.itc.queue_size, -1))

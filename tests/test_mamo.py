@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from vlpjax import config_lib, sharding, state as state_lib, step as step_lib, synthetic, train
 from vlpjax.models import vlp
+from vlpjax.objectives import registry
 
 
 def _tiny():
@@ -21,18 +22,18 @@ def _tiny():
 def test_gradients_reach_student_never_teacher():
   config = _tiny()
   model = vlp.VLPModel(vlp.ModelConfig.from_config(config.model))
-  state = state_lib.make_init_fn(model, optax.identity(), config.queue_size)(jax.random.PRNGKey(0))
+  specs = registry.objective_specs(config.objectives)
+  state = state_lib.make_init_fn(model, optax.identity(), specs)(jax.random.PRNGKey(0))
   ema = jax.tree.map(lambda x: x + 0.01, state.params)  # teacher differs from student
   mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
   batch = synthetic.make_batch_fn(config, mesh, 8)(jax.random.PRNGKey(1), 0)
   assert "patch_mask" in batch and bool(jnp.any(batch["patch_mask"]))
-  specs = step_lib.objective_specs(config.objectives)
   loss_fn = step_lib.make_loss_fn(model, specs, num_groups=1)
 
   def total(params, ema_params, name):
     one = [s for s in specs if s.name == name]
     fn = step_lib.make_loss_fn(model, one, num_groups=1)
-    return fn(params, ema_params, state.queues, batch, jax.random.PRNGKey(2), jnp.int32(10), 0.4)[0]
+    return fn(params, ema_params, state.objective_state, batch, jax.random.PRNGKey(2), jnp.int32(10), 0.4)[0]
 
   for name in ("mrm", "mim", "mlm"):
     g_student, g_teacher = jax.grad(total, argnums=(0, 1))(state.params, ema, name)
@@ -42,7 +43,7 @@ def test_gradients_reach_student_never_teacher():
   assert float(optax.global_norm(head)) > 0
   head = jax.grad(total)(state.params, ema, "mim")["mim_head"]
   assert float(optax.global_norm(head)) > 0
-  value, (metrics, _) = loss_fn(state.params, ema, state.queues, batch, jax.random.PRNGKey(2), jnp.int32(10), 0.4)
+  value, (metrics, _) = loss_fn(state.params, ema, state.objective_state, batch, jax.random.PRNGKey(2), jnp.int32(10), 0.4)
   assert np.isfinite(float(value))
   assert {"mrm/loss", "mim/loss", "mlm/loss", "itc/loss", "itm/loss"} <= set(metrics)
 

@@ -19,7 +19,7 @@ def reference_itc(ctx, image_ids, distill: bool, id_positives: bool):
   """
   image_feat, text_feat = fc.to_numpy(ctx.image_feat), fc.to_numpy(ctx.text_feat)
   ema_image, ema_text = fc.to_numpy(ctx.ema_image_feat), fc.to_numpy(ctx.ema_text_feat)
-  queues = fc.to_numpy(ctx.queues)
+  queues = fc.to_numpy(ctx.objective_state["itc"])
   temp = float(ctx.temp)
   alpha = float(ctx.alpha) if distill else 0.0
   batch_size = image_feat.shape[0]

@@ -31,8 +31,8 @@ def reference_regression(prediction, target, kind, beta=1.0):
 def reference_mrm(ctx, params, batch, top_k=3, target_norm="layernorm", kind="mse", beta=1.0):
   """Returns (pooled loss, text loss, image loss), looping over masked positions in float64."""
   params = fc.to_numpy(params)
-  masked = fc.to_numpy(ctx.masked)
-  clean = fc.to_numpy(ctx.ema_clean)
+  masked = fc.to_numpy(ctx.masked_fusion)
+  clean = fc.to_numpy(ctx.ema_clean_fusion)
   normalize = reference_layer_norm if target_norm == "layernorm" else (lambda v: v)
 
   def target(layers, b, token):
@@ -65,7 +65,7 @@ def reference_mrm(ctx, params, batch, top_k=3, target_norm="layernorm", kind="ms
 
 def reference_mim(ctx, params, batch, kind="cosine", target_norm="none"):
   params = fc.to_numpy(params)
-  image_states = fc.to_numpy(ctx.masked["image_states"])
+  image_states = fc.to_numpy(ctx.masked_fusion["image_states"])
   teacher_states = fc.to_numpy(ctx.ema_image["states"])
   patch_mask = batch["patch_mask"]
   losses = []
@@ -146,20 +146,20 @@ def test_mrm_ignores_unmasked_positions():
                                  batch["patch_mask"]], axis=1)
   changed = dataclasses.replace(
       ctx,
-      masked={"text_states": _perturb_unmasked(ctx.masked["text_states"], text_masked, 0),
-              "image_states": _perturb_unmasked(ctx.masked["image_states"], image_masked, 1)},
-      ema_clean={
+      masked_fusion={"text_states": _perturb_unmasked(ctx.masked_fusion["text_states"], text_masked, 0),
+              "image_states": _perturb_unmasked(ctx.masked_fusion["image_states"], image_masked, 1)},
+      ema_clean_fusion={
           "layer_text_states": [_perturb_unmasked(s, text_masked, 2 + k)
-                                for k, s in enumerate(ctx.ema_clean["layer_text_states"])],
+                                for k, s in enumerate(ctx.ema_clean_fusion["layer_text_states"])],
           "layer_image_states": [_perturb_unmasked(s, image_masked, 9 + k)
-                                 for k, s in enumerate(ctx.ema_clean["layer_image_states"])],
+                                 for k, s in enumerate(ctx.ema_clean_fusion["layer_image_states"])],
       })
   original = mrm.mrm_loss(ctx, fc.jnp_batch(batch))[1]
   perturbed = mrm.mrm_loss(changed, fc.jnp_batch(batch))[1]
   for name in ("loss", "text_loss", "image_loss"):
     np.testing.assert_allclose(perturbed[name], original[name], rtol=1e-6)
   everywhere = dataclasses.replace(
-      ctx, masked={**ctx.masked, "image_states": ctx.masked["image_states"] + 1.0})
+      ctx, masked_fusion={**ctx.masked_fusion, "image_states": ctx.masked_fusion["image_states"] + 1.0})
   assert abs(float(mrm.mrm_loss(everywhere, fc.jnp_batch(batch))[0]) -
              float(original["loss"])) > 1e-3
 
@@ -199,8 +199,8 @@ def test_jit_and_gradient_through_student(objective, head):
 
 def test_mrm_computes_in_float32_from_bfloat16_states():
   ctx, _, _, inputs = _context(7)
-  low = dataclasses.replace(ctx, masked=jax.tree.map(lambda x: x.astype(jnp.bfloat16),
-                                                     ctx.masked))
+  low = dataclasses.replace(ctx, masked_fusion=jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                                            ctx.masked_fusion))
   loss, _ = mrm.mrm_loss(low, fc.jnp_batch(inputs["batch"]))
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(loss, mrm.mrm_loss(ctx, fc.jnp_batch(inputs["batch"]))[0],
@@ -258,8 +258,8 @@ def test_mim_ignores_unmasked_patches():
                                  batch["patch_mask"]], axis=1)
   changed = dataclasses.replace(
       ctx,
-      masked={**ctx.masked,
-              "image_states": _perturb_unmasked(ctx.masked["image_states"], image_masked, 0)},
+      masked_fusion={**ctx.masked_fusion,
+              "image_states": _perturb_unmasked(ctx.masked_fusion["image_states"], image_masked, 0)},
       ema_image={"states": _perturb_unmasked(ctx.ema_image["states"], image_masked, 1)})
   original, _ = mim.mim_loss(ctx, fc.jnp_batch(batch))
   np.testing.assert_allclose(mim.mim_loss(changed, fc.jnp_batch(batch))[0], original, rtol=1e-6)

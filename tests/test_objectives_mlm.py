@@ -18,8 +18,8 @@ def _log_softmax(logits):
 def reference_mlm(ctx, params, teacher_params, labels, distill: bool):
   """Loops over the masked tokens in float64. Returns (loss, accuracy)."""
   params, teacher_params = fc.to_numpy(params), fc.to_numpy(teacher_params)
-  states = fc.to_numpy(ctx.masked["text_states"])
-  teacher_states = fc.to_numpy(ctx.ema_masked["text_states"])
+  states = fc.to_numpy(ctx.masked_fusion["text_states"])
+  teacher_states = fc.to_numpy(ctx.ema_masked_fusion["text_states"])
   alpha = float(ctx.alpha)
   hard, soft, correct, count = 0.0, 0.0, 0, 0
   for b in range(labels.shape[0]):
@@ -70,19 +70,19 @@ def test_mlm_works_with_cross_fusion():
 def test_unmasked_positions_do_not_change_the_loss():
   ctx, _, _, batch = _context(3)
   unmasked = jnp.asarray(batch["mlm_labels"] < 0)[..., None]
-  noise = 5.0 * jax.random.normal(jax.random.key(0), ctx.masked["text_states"].shape)
+  noise = 5.0 * jax.random.normal(jax.random.key(0), ctx.masked_fusion["text_states"].shape)
 
   def perturb(states):
     return jnp.where(unmasked, states + noise, states)
 
   changed = dataclasses.replace(
-      ctx, masked={**ctx.masked, "text_states": perturb(ctx.masked["text_states"])},
-      ema_masked={"text_states": perturb(ctx.ema_masked["text_states"])})
+      ctx, masked_fusion={**ctx.masked_fusion, "text_states": perturb(ctx.masked_fusion["text_states"])},
+      ema_masked_fusion={"text_states": perturb(ctx.ema_masked_fusion["text_states"])})
   original, _ = mlm.mlm_loss(ctx, fc.jnp_batch(batch))
   perturbed, _ = mlm.mlm_loss(changed, fc.jnp_batch(batch))
   np.testing.assert_allclose(perturbed, original, rtol=1e-6)
   masked_change = dataclasses.replace(
-      ctx, masked={**ctx.masked, "text_states": ctx.masked["text_states"] + noise})
+      ctx, masked_fusion={**ctx.masked_fusion, "text_states": ctx.masked_fusion["text_states"] + noise})
   assert abs(float(mlm.mlm_loss(masked_change, fc.jnp_batch(batch))[0]) - float(original)) > 1e-3
 
 
@@ -118,7 +118,7 @@ def test_mlm_jit_and_gradient_through_student():
 def test_mlm_computes_in_float32_from_bfloat16_states():
   ctx, _, _, batch = _context(6)
   low = dataclasses.replace(
-      ctx, masked={**ctx.masked, "text_states": ctx.masked["text_states"].astype(jnp.bfloat16)})
+      ctx, masked_fusion={**ctx.masked_fusion, "text_states": ctx.masked_fusion["text_states"].astype(jnp.bfloat16)})
   loss, _ = mlm.mlm_loss(low, fc.jnp_batch(batch))
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(loss, mlm.mlm_loss(ctx, fc.jnp_batch(batch))[0], rtol=0.05)

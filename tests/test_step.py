@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from configs import albef
-from vlpjax import optim, sharding, state as state_lib, step as step_lib, synthetic
-from vlpjax.models import vlp
+from vlpjax import config_lib, sharding, state as state_lib, step as step_lib, synthetic
 
 
 def _config():
@@ -18,21 +17,18 @@ def _config():
 
 def _run(config, devices, mesh_shape, rules_name, num_steps=2):
   mesh = sharding.make_mesh(mesh_shape, devices)
-  rules = sharding.logical_rules(rules_name)
-  model = vlp.VLPModel(vlp.ModelConfig.from_config(config.model))
-  abstract_params = jax.eval_shape(lambda: state_lib.make_init_fn(model, __import__("optax").identity(), 0)(
-      jax.random.PRNGKey(0)).params)
-  tx, schedule = optim.make_optimizer(config.optim, params=abstract_params, total_steps=10, steps_per_epoch=5)
-  _, shardings = state_lib.abstract_state(model, tx, config.queue_size, mesh, rules)
-  state = state_lib.create_state(model, tx, config.queue_size, shardings, jax.random.PRNGKey(0))
-  train_step = step_lib.make_train_step(model, tx, config, mesh=mesh, rules=rules, state_shardings=shardings,
-                                        schedule=schedule, alpha_ramp_steps=4)
+  with config.unlocked():
+    config.sharding.rules = rules_name
+    config.teacher.alpha_ramp_steps = 4
+  setup = state_lib.setup_state(config, mesh)
+  state = setup.create(0)
+  train_step = step_lib.train_step_for(setup)
   batches = synthetic.SyntheticIterator(config, mesh, config.batch_size, seed=1)
   losses = []
   for _ in range(num_steps):
     state, metrics = train_step(state, next(batches))
     losses.append(jax.device_get(metrics))
-  return jax.device_get(state), losses, shardings
+  return jax.device_get(state), losses, setup.shardings
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +48,8 @@ def test_sharded_step_matches_single_device(single_device_run, mesh_shape, rules
   flat_got = jax.tree.leaves(state.params)
   for a, b in zip(flat_ref, flat_got):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
-  np.testing.assert_allclose(state.queues["text"], ref_state.queues["text"], rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(state.objective_state["itc"]["text"], ref_state.objective_state["itc"]["text"],
+                             rtol=1e-3, atol=1e-5)
   if rules != "dp":
     specs = {str(s.spec) for s in jax.tree.leaves(shardings.params)}
     assert any("fsdp" in s for s in specs), specs
@@ -62,9 +59,10 @@ def test_ema_queue_and_temperature_rules(single_device_run):
   state, losses, _ = single_device_run
   config = _config()
   # Two steps of batch 16 written into a queue of 32: pointer wrapped to 0, ids of both batches present.
-  assert int(state.queues["ptr"]) == (2 * config.batch_size) % config.queue_size
-  assert sorted(np.asarray(state.queues["idx"]).tolist()) == list(range(2 * config.batch_size))
-  np.testing.assert_allclose(np.linalg.norm(state.queues["image"], axis=-1), 1.0, rtol=1e-5)
+  queue = state.objective_state["itc"]
+  assert int(queue["ptr"]) == (2 * config.batch_size) % config.objectives.itc.queue_size
+  assert sorted(np.asarray(queue["idx"]).tolist()) == list(range(2 * config.batch_size))
+  np.testing.assert_allclose(np.linalg.norm(queue["image"], axis=-1), 1.0, rtol=1e-5)
   assert config.model.get("temp_min", 0.001) <= float(state.params["temp"]) <= 0.5
   # alpha ramps linearly from 0 over alpha_ramp_steps=4.
   assert losses[0]["alpha"] == 0.0 and np.isclose(losses[1]["alpha"], 0.1)
@@ -78,5 +76,7 @@ def test_ema_update_uses_pre_step_params():
 
 
 def test_queue_must_be_multiple_of_batch():
+  config = _config()
+  config.objectives.itc.queue_size = 100
   with pytest.raises(ValueError, match="queue_size"):
-    step_lib.check_queue(100, 16)
+    config_lib.validate(config)

@@ -53,12 +53,12 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_restore_on_smaller_mesh_without_queue(tmp_path):
   workdir = str(tmp_path / "run")
   config = _synthetic_tiny()
-  config.queue_size = 0
+  config.objectives.itc.queue_size = 0
   config.sharding.mesh = dict(data=4, fsdp=2, tensor=1)
   config.sharding.rules = "fsdp"
   train.train_and_evaluate(config, workdir, stop_after=2)
   config = _synthetic_tiny()
-  config.queue_size = 0
+  config.objectives.itc.queue_size = 0
   config.sharding.mesh = dict(data=2, fsdp=2, tensor=1)  # 4 of the 8 devices
   config.sharding.rules = "fsdp"
   out = train.train_and_evaluate(config, workdir)

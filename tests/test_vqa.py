@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from vlpjax import optim, sharding, state as state_lib, step as step_lib
+from vlpjax import config_lib, optim, sharding, state as state_lib, step as step_lib
 from vlpjax.evaluators import vqa as vqa_eval
 from vlpjax.models import vlp
 from vlpjax.models import vqa as vqa_model
@@ -191,7 +191,7 @@ def test_answer_nll_matches_loop_reference(alpha):
 
 
 def _context(model, params, ema_params, batch, alpha=0.4, cfg=None, rng=0):
-  return context_lib.Context(model=model, params=params, ema_params=ema_params, queues={}, batch=batch,
+  return context_lib.Context(model=model, params=params, ema_params=ema_params, objective_state={}, batch=batch,
                              rng=jax.random.PRNGKey(rng), step=jnp.zeros((), jnp.int32),
                              alpha=jnp.asarray(alpha, jnp.float32), num_groups=1,
                              cfg=ml_collections.ConfigDict(cfg or {}))
@@ -429,9 +429,7 @@ def _train_config():
   config.objectives = {"vqa": dict(weight=1.0, distill=True)}
   config.optim = common.demo_optim(1e-3)
   config.optim.schedule.warmup_steps = 1
-  config.momentum = 0.995
-  config.alpha = 0.4
-  config.queue_size = 0
+  config.teacher = dict(momentum=0.995, alpha=0.4, alpha_ramp_steps=0)
   return config
 
 
@@ -441,13 +439,14 @@ def test_one_sharded_train_step_is_finite():
   model = vlp.build_model(config.model)
   mesh = sharding.make_mesh(dict(data=2), jax.devices()[:2])
   rules = sharding.logical_rules("dp")
-  abstract_params = jax.eval_shape(lambda: state_lib.make_init_fn(model, __import__("optax").identity(), 0)(
-      jax.random.PRNGKey(0)).params)
+  abstract_params = state_lib.abstract_params(model)
   tx, schedule = optim.make_optimizer(config.optim, params=abstract_params, total_steps=4, steps_per_epoch=2)
-  _, shardings = state_lib.abstract_state(model, tx, 0, mesh, rules)
-  state = state_lib.create_state(model, tx, 0, shardings, jax.random.PRNGKey(0))
-  train_step = step_lib.make_train_step(model, tx, config, mesh=mesh, rules=rules, state_shardings=shardings,
-                                        schedule=schedule, alpha_ramp_steps=0)
+  specs = registry.objective_specs(config.objectives)
+  teacher = config_lib.teacher_settings(config, 2)
+  _, shardings = state_lib.abstract_state(model, tx, specs, True, mesh, rules)
+  state = state_lib.create_state(model, tx, specs, True, shardings, jax.random.PRNGKey(0))
+  train_step = step_lib.make_train_step(model, tx, mesh=mesh, rules=rules, state_shardings=shardings,
+                                        objective_specs=specs, teacher=teacher, schedule=schedule)
   new_state, metrics = train_step(state, _vqa_batch(5))
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0 and np.isfinite(metrics["grad_norm"])

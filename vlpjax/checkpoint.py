@@ -252,7 +252,7 @@ def load_params(path) -> dict:
 
 def load_state_items(path, keys) -> dict:
   """Reads the top-level `keys` that a train checkpoint's state holds (e.g. `ema_params`,
-  `queues`) to host memory; absent keys are left out. `path` as for `locate_checkpoint`."""
+  `objective_state`) to host memory; absent keys are left out. `path` as for `locate_checkpoint`."""
   root, step = locate_checkpoint(_abspath(path))
   return _read_items(root / str(step) / _STATE, tuple(keys))
 

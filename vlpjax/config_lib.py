@@ -17,14 +17,13 @@ TOP_LEVEL = {
     "steps_per_epoch": "steps per epoch (overrides input.num_train_examples // batch_size when > 0)",
     "model": "vlpjax.models.vlp.ModelConfig fields (+ kind: the task model, and its fields)",
     "objectives": "{name: {weight, ...settings}} of registered objectives",
-    "momentum": "EMA momentum of the teacher",
-    "alpha": "momentum-distillation weight after the ramp",
-    "alpha_ramp_steps": "steps of the linear alpha ramp; -1 = one epoch (ALBEF)",
-    "queue_size": "ITC feature queue length (multiple of batch_size; 0 = no queue)",
+    "teacher": "EMA teacher: momentum (0 = no teacher), alpha (distillation weight after the ramp), "
+               "alpha_ramp_steps (-1 = one epoch, ALBEF)",
     "optim": "vlpjax.optim.make_optimizer fields",
     "sharding": "mesh {data, fsdp, tensor} and rules preset",
     "input": "input_pipeline.builder fields",
     "eval": "periodic evaluation: every_steps, split, batch_size, kind (+ the evaluator's keys)",
+    "evals": "more named evaluations {name: {kind, every_steps, split, batch_size, ...}} (logged as eval_<name>/)",
     "checkpoint": "every_steps, max_to_keep, async_save",
     "log_every_steps": "metric logging period",
     "init_from": "params-only start: path, dont_load regexes",
@@ -32,6 +31,7 @@ TOP_LEVEL = {
     "stages": "list of {name, steps, objectives?, freeze?, input? (config.input overrides for this stage)}",
 }
 SECTIONS = {
+    "teacher": {"momentum", "alpha", "alpha_ramp_steps"},
     "sharding": {"mesh", "rules"},
     "eval": {"every_steps", "split", "batch_size", "kind"},  # + the evaluator's EVAL_KEYS
     "checkpoint": {"every_steps", "max_to_keep", "async_save"},
@@ -47,26 +47,51 @@ def _check(keys, allowed, where):
                      f"allowed in {where}: {sorted(allowed)}")
 
 
+def _check_eval(eval_cfg, where: str) -> None:
+  from vlpjax import evaluators
+  allowed = SECTIONS["eval"] | set(evaluators.get(eval_cfg.get("kind") or "retrieval").EVAL_KEYS)
+  _check(eval_cfg.keys(), allowed, where)
+
+
+def _check_objectives(config, objectives_cfg, where: str, model_cfg) -> None:
+  """Known names; heads in config.model.heads; a teacher where one is read; own config checks."""
+  has_teacher = teacher_settings(config, 1) is not None
+  for name in objectives_cfg.keys():
+    if name not in objectives.names():
+      raise ValueError(f"unknown objective {where}.{name}; registered: {objectives.names()}")
+  for spec in objectives.registry.objective_specs(objectives_cfg):
+    definition = spec.definition
+    missing = [h for h in definition.required_heads(spec.cfg) if h not in model_cfg.heads]
+    if missing:
+      raise ValueError(f"objective {where}.{spec.name} needs head(s) {missing} in config.model.heads "
+                       f"(now {list(model_cfg.heads)})")
+    if definition.wants_teacher(spec.cfg) and not has_teacher:
+      raise ValueError(f"objective {where}.{spec.name} reads the EMA teacher; set config.teacher.momentum > 0 "
+                       "(e.g. 0.995) or turn its distillation off")
+    if definition.check is not None:
+      definition.check(spec.cfg, config)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad key; runs no JAX computation."""
   _check(config.keys(), TOP_LEVEL, "config")
   for section, allowed in SECTIONS.items():
     if section in config and config[section] is not None and hasattr(config[section], "keys"):
       if section == "eval":
-        from vlpjax import evaluators
-        allowed = allowed | set(evaluators.get(config.eval.get("kind") or "retrieval").EVAL_KEYS)
+        _check_eval(config.eval, "config.eval")
+        continue
       _check(config[section].keys(), allowed, f"config.{section}")
-  vlp.build_config(config.model)
-  for name in config.objectives.keys():
-    if name not in objectives.names():
-      raise ValueError(f"unknown objective config.objectives.{name}; registered: {objectives.names()}")
+  for name, eval_cfg in (config.get("evals") or {}).items():
+    _check_eval(eval_cfg, f"config.evals.{name}")
+  model_cfg = vlp.build_config(config.model)
+  _check_objectives(config, config.objectives, "config.objectives", model_cfg)
   sharding_lib.logical_rules(config.sharding.rules)
   _check(config.sharding.mesh.keys(), sharding_lib.MESH_AXES, "config.sharding.mesh")
   for i, stage in enumerate(config.get("stages") or ()):
     _check(dict(stage).keys(), STAGE_KEYS, f"config.stages[{i}]")
-    for name in (stage.get("objectives") or {}):
-      if name not in objectives.names():
-        raise ValueError(f"unknown objective config.stages[{i}].objectives.{name}")
+    if stage.get("objectives"):
+      _check_objectives(config, ml_collections.ConfigDict(dict(stage.get("objectives"))),
+                        f"config.stages[{i}].objectives", model_cfg)
     if stage.get("input") and "input" in config:
       from input_pipeline import builder
       merged = ml_collections.ConfigDict(config.input.to_dict())
@@ -77,6 +102,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from input_pipeline import builder  # the builder owns the input schema
     if hasattr(builder, "validate_config"):
       builder.validate_config(config.input)
+
+
+def teacher_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict | None:
+  """dict(momentum, alpha, alpha_ramp_steps) of the EMA teacher, or None when the config has none.
+
+  A teacher exists when `config.teacher.momentum` > 0; `alpha_ramp_steps` -1 becomes one epoch.
+  """
+  teacher = config.get("teacher")
+  if not teacher or float(teacher.get("momentum", 0.0) or 0.0) <= 0.0:
+    return None
+  momentum = float(teacher.momentum)
+  if not 0.0 < momentum < 1.0:
+    raise ValueError(f"config.teacher.momentum must be in (0, 1) or 0 (no teacher); got {momentum}")
+  ramp = int(teacher.get("alpha_ramp_steps", 0))
+  return dict(momentum=momentum, alpha=float(teacher.get("alpha", 0.0)),
+              alpha_ramp_steps=steps_per_epoch if ramp < 0 else ramp)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:

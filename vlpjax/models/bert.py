@@ -112,7 +112,8 @@ def _layer_cls(remat: bool):
 class TextEncoder(nn.Module):
   """The text tower: embeddings + `text_layers` self-attention layers.
 
-  Returns `states` [batch, length, width] and `layer_cls` [layers, batch, width].
+  Returns `states` [batch, length, width], `layer_cls` [layers, batch, width] and
+  `layer_states` (each layer's [batch, length, width]).
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
@@ -125,11 +126,12 @@ class TextEncoder(nn.Module):
 
   def __call__(self, ids, mask, *, deterministic=True):
     x = self.embeddings(ids, deterministic=deterministic)
-    layer_cls = []
+    layer_cls, layer_states = [], []
     for layer in self.layers:
       x = layer(x, mask, None, None, deterministic)
+      layer_states.append(x)
       layer_cls.append(x[:, 0])
-    return dict(states=x, layer_cls=jnp.stack(layer_cls))
+    return dict(states=x, layer_cls=jnp.stack(layer_cls), layer_states=layer_states)
 
 
 class CrossFusion(nn.Module):

@@ -286,9 +286,10 @@ class NLVRModel(vlp.VLPModel):
     text = self.encode_text(text_ids, text_mask, deterministic)
     states = self.fuse_pair(text["states"], text_mask, image0_states, image1_states, deterministic)
     cls = states[:, 0]
-    out = dict(nlvr_logits=self.classify(cls), ta_logits=self.ta_classify(cls),
-               image_feat=self.project_image(image0_states[:, 0]),
-               text_feat=self.project_text(text["states"][:, 0]), temp=self.temperature())
+    out = dict(nlvr_logits=self.classify(cls), ta_logits=self.ta_classify(cls))
+    if "itc" in cfg.heads:
+      out.update(image_feat=self.project_image(image0_states[:, 0]),
+                 text_feat=self.project_text(text["states"][:, 0]), temp=self.temperature())
     if "itm" in cfg.heads:
       out["itm_logits"] = self.itm_logits(cls)
     if "mlm" in cfg.heads:

@@ -61,8 +61,10 @@ class VisionTransformer(nn.Module):
   learned mask token before the position embeddings are added (BEiT / MAMO masking).
   `extra_tokens` [batch, K, width] (ViCHA visual concepts) are appended after the position
   embeddings, without positions of their own; `extra_mask` masks their padding.
-  Returns `states` (after the final LayerNorm) and `layer_cls` [depth, batch, width]: the CLS
-  state after each block with the final LayerNorm applied (ViCHA's hierarchical alignment).
+  Returns `states` (after the final LayerNorm), `layer_cls` [depth, batch, width]: the CLS
+  state after each block with the final LayerNorm applied (ViCHA's hierarchical alignment),
+  `layer_states` (each block's output, before the final LayerNorm) and `mask` (the attention
+  mask over [tokens ; extra tokens], None when nothing is masked).
   With `sow_weights` every block's attention probabilities are sown and perturbable
   (`layers.Attention`; ITC-mode Grad-CAM).
   """
@@ -101,17 +103,31 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([cls, x], axis=1)
     return x + self.pos_embedding.astype(x.dtype)
 
-  def __call__(self, images, patch_mask=None, extra_tokens=None, extra_mask=None):
+  def __call__(self, images, patch_mask=None, extra_tokens=None, extra_mask=None, keep_indices=None,
+               cls_position=True):
+    """Encodes images; see the class docstring.
+
+    `keep_indices` int [batch, K] (MAE's visible patches): only those patches (with their
+    position embeddings) and the CLS token are encoded, so the masked ones cost nothing; the
+    output has 1 + K tokens. `cls_position=False` leaves the CLS token without its position
+    embedding on that path (ViCHA's MAE branch does, METHODS.md App. H #9).
+    """
     x = self.embed(images, patch_mask)
+    if keep_indices is not None:
+      if extra_tokens is not None:
+        raise ValueError("the visible-patch path (keep_indices) takes no extra tokens")
+      cls = x[:, :1] if cls_position else x[:, :1] - self.pos_embedding[:, :1].astype(x.dtype)
+      patches = jnp.take_along_axis(x[:, 1:], keep_indices[..., None].astype(jnp.int32), axis=1)
+      x = jnp.concatenate([cls, patches], axis=1)
     mask = None
     if extra_tokens is not None:
       x = jnp.concatenate([x, extra_tokens.astype(x.dtype)], axis=1)
       if extra_mask is not None:
         image_valid = jnp.ones(x.shape[:1] + (x.shape[1] - extra_tokens.shape[1],), jnp.int32)
         mask = jnp.concatenate([image_valid, extra_mask.astype(jnp.int32)], axis=1)
-    layer_cls = []
+    layer_cls, layer_states = [], []
     for block in self.blocks:
       x = block(x, mask)
+      layer_states.append(x)
       layer_cls.append(self.norm(x[:, 0]))
-    return dict(states=self.norm(x), layer_cls=jnp.stack(layer_cls), mask=mask)
-
+    return dict(states=self.norm(x), layer_cls=jnp.stack(layer_cls), layer_states=layer_states, mask=mask)

@@ -2,8 +2,10 @@
 it never computes a loss (that is the objectives' job).
 
 Parameter tree (top level): `vision` (ViT), `text` (BERT text layers), `fusion` (cross or
-merged fusion layers), `vision_proj`, `text_proj` (ITC), `itm_head`, `mlm_head`, optional
-`mrm_head` / `mim_head` (MAMO), and the scalar `temp`.
+merged fusion layers), optional `image_tokens` (the extra image-side token encoder), and the
+heads `config.model.heads` names, each built by its registration (`heads.register_head`):
+`itc` -> `vision_proj`, `text_proj` and the scalar `temp`; `itm` -> `itm_head`; `mlm` ->
+`mlm_head`; `mrm` / `mim` -> `mrm_head` / `mim_head` (MAMO).
 """
 import dataclasses
 from typing import Any
@@ -14,8 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlpjax.models import bert, heads, layers, vit
-
-KNOWN_HEADS = ("itc", "itm", "mlm", "mrm", "mim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +31,23 @@ class ModelConfig:
   temp_min: float = 0.001
   temp_max: float = 0.5
   sow_attention: bool = False
+  # Extra image-side tokens appended to the ViT input (ViCHA's visual concepts, MVP's object
+  # tags): the settings dataclass of the registered kind (`register_image_tokens`), or None.
+  image_tokens: Any = None
+  # Settings of heads that have them: ((name, settings dataclass), ...) sorted by name.
+  head_config: tuple = ()
 
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  def head_cfg(self, name: str):
+    """The settings dataclass of head `name` (its registered defaults when the config gives none)."""
+    for head, settings in self.head_config:
+      if head == name:
+        return settings
+    config_class = heads.get_head(name).config_class
+    return config_class() if config_class is not None else None
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "ModelConfig":
@@ -44,26 +57,83 @@ class ModelConfig:
     """
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     cfg.pop("kind", None)
-
-    def build(klass, values, where):
-      names = {f.name for f in dataclasses.fields(klass)}
-      unknown = sorted(set(values) - names)
-      if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
-      return klass(**values)
-
-    vision = build(vit.VisionConfig, cfg.pop("vision", {}), "config.model.vision")
-    text = build(bert.TextConfig, cfg.pop("text", {}), "config.model.text")
+    vision = _build_dataclass(vit.VisionConfig, cfg.pop("vision", {}), "config.model.vision")
+    text = _build_dataclass(bert.TextConfig, cfg.pop("text", {}), "config.model.text")
     if "heads" in cfg:
       cfg["heads"] = tuple(cfg["heads"])
-      bad = [h for h in cfg["heads"] if h not in KNOWN_HEADS]
-      if bad:
-        raise ValueError(f"unknown head(s) {bad} in config.model.heads; known: {KNOWN_HEADS}")
-    model = build(cls, cfg, "config.model")
+      for name in cfg["heads"]:
+        heads.get_head(name)  # fails naming the known heads
+    head_config = dict(cfg.pop("head_config", None) or {})
+    settings = []
+    for name in sorted(head_config):
+      if name not in cfg.get("heads", cls.heads):
+        raise ValueError(f"config.model.head_config.{name} configures a head that is not in "
+                         f"config.model.heads {cfg.get('heads', cls.heads)}")
+      config_class = heads.get_head(name).config_class
+      if config_class is None:
+        raise ValueError(f"config.model.head_config.{name}: head {name!r} has no settings")
+      settings.append((name, _build_dataclass(config_class, head_config[name], f"config.model.head_config.{name}")))
+    image_tokens = _build_image_tokens(cfg.pop("image_tokens", None))
+    model = _build_dataclass(cls, cfg, "config.model")
     if model.fusion not in ("cross", "merged"):
       raise ValueError(f"config.model.fusion must be 'cross' or 'merged', got {model.fusion!r}")
     jnp.dtype(model.dtype)
-    return dataclasses.replace(model, vision=vision, text=text)
+    return dataclasses.replace(model, vision=vision, text=text, image_tokens=image_tokens,
+                               head_config=tuple(settings))
+
+
+def _build_dataclass(klass, values, where):
+  values = dict(values or {})
+  names = {f.name for f in dataclasses.fields(klass)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+  return klass(**values)
+
+
+# ----------------------------------------------------------------------------- image-side tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTokensSpec:
+  """A kind of extra image-side tokens: `config_class` (frozen dataclass with a `kind` field) and
+  `build(model) -> nn.Module`, called in `VLPModel.setup`; the module maps
+  (concept_ids [B,K], concept_mask [B,K], deterministic) -> (tokens [B,K,Dv], mask [B,K] | None)."""
+  kind: str
+  config_class: type
+  build: Any
+
+
+_IMAGE_TOKENS: dict[str, ImageTokensSpec] = {}
+# Modules that register image-token kinds; imported on first use.
+IMAGE_TOKEN_MODULES: list[str] = []
+
+
+def register_image_tokens(kind: str, *, config_class, build) -> ImageTokensSpec:
+  spec = ImageTokensSpec(kind, config_class, build)
+  if kind in _IMAGE_TOKENS and _IMAGE_TOKENS[kind] != spec:
+    raise ValueError(f"image-token kind {kind!r} is registered twice")
+  _IMAGE_TOKENS[kind] = spec
+  return spec
+
+
+def image_tokens_spec(kind: str) -> ImageTokensSpec:
+  import importlib
+  for module in IMAGE_TOKEN_MODULES:
+    importlib.import_module(module)
+  if kind not in _IMAGE_TOKENS:
+    raise ValueError(f"unknown config.model.image_tokens.kind {kind!r}; known: {sorted(_IMAGE_TOKENS)}")
+  return _IMAGE_TOKENS[kind]
+
+
+def _build_image_tokens(values):
+  values = dict(values or {})
+  kind = values.get("kind", "")
+  if not kind:
+    if set(values) - {"kind"}:
+      raise ValueError(f"config.model.image_tokens sets {sorted(set(values) - {'kind'})} but no kind")
+    return None
+  return _build_dataclass(image_tokens_spec(kind).config_class, values, "config.model.image_tokens")
 
 
 _MODELS: dict[str, type] = {}
@@ -130,18 +200,23 @@ def build_model(model_cfg) -> "VLPModel":
 
 @register_model("vlp")
 class VLPModel(nn.Module):
-  """ViT image tower + BERT text tower + fusion encoder + heads.
+  """ViT image tower + BERT text tower + fusion encoder + the heads `config.heads` names.
 
   Methods (each returns arrays or a dict of features):
-    encode_image(images [B,H,W,3], patch_mask=None [B,P], extra_tokens=None, extra_mask=None)
-      -> dict(states [B, 1+P(+K), Dv], layer_cls [depth, B, Dv])
-    encode_text(ids [B,L], mask [B,L]) -> dict(states [B,L,D], layer_cls [text_layers, B, D])
+    encode_image(images [B,H,W,3], patch_mask=None [B,P], extra_tokens=None, extra_mask=None,
+                 keep_indices=None [B,K], *, concept_ids=None [B,C], concept_mask=None [B,C])
+      -> dict(states [B, 1+P(+C)|1+K, Dv], layer_cls [depth, B, Dv], layer_states, mask)
+      (`concept_ids` feed the model's image-side token encoder, `config.image_tokens`)
+    encode_text(ids [B,L], mask [B,L]) -> dict(states [B,L,D], layer_cls [text_layers,B,D], layer_states)
     fuse(text_states, text_mask, image_states, image_mask=None)
       -> dict(text_states [B,L,D], image_states [B,N,D] | None, layer_text_states, layer_image_states)
     project_image(cls [B,Dv]) / project_text(cls [B,D]) -> [B, embed_dim], unit norm, float32
     itm_logits(cls [B,D]) -> [B,2]; mlm_logits(states [B,L,D]) -> [B,L,V] float32
     mrm_predict(states [B,T,D]) -> [B,T,D]; mim_predict(states [B,P,D]) -> [B,P,Dv]
     temperature() -> clamped scalar
+    constrain_params(params) -> params kept in range after an update (each head's rule)
+  Heads registered outside this class (`heads.register_head`) are called as functions of the
+  module: `model.apply(variables, ..., method=fn)` / `ctx.student.apply(fn, ...)`.
   """
   config: ModelConfig
   config_class = ModelConfig
@@ -156,20 +231,18 @@ class VLPModel(nn.Module):
     self.vision = vit.VisionTransformer(cfg.vision, dtype, cfg.remat)
     self.text = bert.TextEncoder(cfg.text, dtype, cfg.remat)
     self.fusion = bert.make_fusion(cfg.fusion, cfg.text, dtype, cfg.remat, cfg.sow_attention)
-    self.vision_proj = heads.Projection(cfg.embed_dim, dtype)
-    self.text_proj = heads.Projection(cfg.embed_dim, dtype)
-    if "itm" in cfg.heads:
-      self.itm_head = layers.Dense(2, ("embed", None), dtype=dtype)
-    if "mlm" in cfg.heads:
-      self.mlm_head = heads.MlmHead(cfg.text.width, cfg.text.vocab_size, cfg.text.layer_norm_eps, dtype)
-    if "mrm" in cfg.heads:
-      self.mrm_head = heads.MlpPredictor(cfg.text.width, cfg.text.width, dtype)
-    if "mim" in cfg.heads:
-      self.mim_head = layers.Dense(cfg.vision.width, ("embed", "mlp"), dtype=dtype)
-    self.temp = self.param("temp", layers.with_axes(nn.initializers.constant(cfg.temp_init), ()), (), jnp.float32)
+    if cfg.image_tokens is not None:
+      self.image_tokens = image_tokens_spec(cfg.image_tokens.kind).build(self)
+    for name in cfg.heads:
+      heads.get_head(name).build(self)
 
-  def encode_image(self, images, patch_mask=None, extra_tokens=None, extra_mask=None):
-    return self.vision(images, patch_mask, extra_tokens, extra_mask)
+  def encode_image(self, images, patch_mask=None, extra_tokens=None, extra_mask=None, keep_indices=None, *,
+                   concept_ids=None, concept_mask=None, deterministic=True):
+    if concept_ids is not None and self.config.image_tokens is not None and keep_indices is None:
+      if extra_tokens is not None:
+        raise ValueError("encode_image: give extra_tokens or concept_ids, not both")
+      extra_tokens, extra_mask = self.image_tokens(concept_ids, concept_mask, deterministic=deterministic)
+    return self.vision(images, patch_mask, extra_tokens, extra_mask, keep_indices)
 
   def encode_text(self, ids, mask, deterministic=True):
     return self.text(ids, mask, deterministic=deterministic)
@@ -198,24 +271,30 @@ class VLPModel(nn.Module):
   def temperature(self):
     return jnp.clip(self.temp, self.config.temp_min, self.config.temp_max)
 
+  def constrain_params(self, params):
+    """Params after an optimizer update, kept in range by each head's rule (ALBEF's temp clamp)."""
+    for name in self.config.heads:
+      constrain = heads.get_head(name).constrain
+      if constrain is not None:
+        params = constrain(self.config, params)
+    return params
+
+  def init_features(self, images, text_ids, text_mask, deterministic=True):
+    """The clean encodings every head's `init` reads: dict(image, text, fused)."""
+    concepts = {}
+    if self.config.image_tokens is not None:
+      concepts = dict(concept_ids=text_ids, concept_mask=text_mask)
+    image = self.encode_image(images, deterministic=deterministic, **concepts)
+    text = self.encode_text(text_ids, text_mask, deterministic)
+    fused = self.fuse(text["states"], text_mask, image["states"], image.get("mask"), deterministic=deterministic)
+    return dict(image=image, text=text, fused=fused, images=images, text_ids=text_ids, text_mask=text_mask)
+
   def __call__(self, images, text_ids, text_mask, deterministic=True):
     """Runs every tower and head once (used by `init`); returns a dict of outputs."""
-    cfg = self.config
-    patch_mask = jnp.zeros((images.shape[0], cfg.vision.num_patches), bool) if "mim" in cfg.heads else None
-    image = self.encode_image(images, patch_mask)
-    text = self.encode_text(text_ids, text_mask, deterministic)
-    fused = self.fuse(text["states"], text_mask, image["states"], deterministic=deterministic)
-    out = dict(image_feat=self.project_image(image["states"][:, 0]),
-               text_feat=self.project_text(text["states"][:, 0]), temp=self.temperature())
-    if "itm" in cfg.heads:
-      out["itm_logits"] = self.itm_logits(fused["text_states"][:, 0])
-    if "mlm" in cfg.heads:
-      out["mlm_logits"] = self.mlm_logits(fused["text_states"])
-    if "mrm" in cfg.heads:
-      out["mrm"] = self.mrm_predict(fused["text_states"])
-    if "mim" in cfg.heads:
-      image_out = fused["image_states"] if fused["image_states"] is not None else image["states"]
-      out["mim"] = self.mim_predict(image_out[:, 1:])
+    feats = self.init_features(images, text_ids, text_mask, deterministic)
+    out = {}
+    for name in self.config.heads:
+      out.update(heads.get_head(name).init(self, feats))
     return out
 
 

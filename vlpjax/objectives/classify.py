@@ -73,7 +73,7 @@ def _logits(model_fns, head: str, batch) -> jax.Array:
   return model_fns.apply("cls_logits", batch["image"], batch["text_ids"], batch["text_mask"], **kwargs)
 
 
-@registry.register("cls")
+@registry.register("cls", needs_teacher=lambda cfg: cfg.get("distill", True))
 def cls_loss(ctx, batch):
   """Classification CE with momentum distillation for the SNLI-VE (`ve`) and NLVR2 (`nlvr`) models.
 
@@ -184,7 +184,8 @@ def text_assignment_logits(ctx, batch, slot0: jax.Array, slot1: jax.Array) -> ja
   return ctx.student.apply("ta_classify", states[:, 0]).astype(jnp.float32)
 
 
-@registry.register("nlvr_ta")
+@registry.register("nlvr_ta", heads=("itc",),
+                   needs_teacher=lambda cfg: cfg.get("partner_features", "ema") == "ema")
 def nlvr_ta_loss(ctx, batch):
   """NLVR2's text-assignment pre-step on caption batches (ALBEF `model_pretrain_nlvr.py`).
 

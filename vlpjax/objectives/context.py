@@ -1,22 +1,61 @@
 """The per-step context every objective reads: bound model calls and features computed once.
 
-Features are computed lazily and cached for the step, so an objective pays only for what it
-reads and two objectives that read the same feature (ITC and ITM both read `itc_sims`) share
-one computation. Teacher (EMA) features are under `stop_gradient`. The attribute list is the
-contract with `vlpjax/objectives/*.py` (see each objective's docstring).
+Features are registered by name (`@feature("name")`, here for the shared ones and beside the
+objectives for theirs) and resolved on first access as `ctx.<name>`, then cached for the step:
+an objective pays only for what it reads, and two objectives that read the same feature (ITC
+and ITM both read `itc_sims`) share one computation. Teacher (EMA) features are under
+`stop_gradient`.
+
+Shared features (B = global batch):
+  image, text                 student encodings of the clean pair (`encode_image` honours the
+                              model's extra image-side tokens, e.g. visual concepts)
+  image_feat, text_feat       student ITC features [B, E]
+  temp                        the model's (clamped) ITC temperature
+  ema_image, ema_text, ema_image_feat, ema_text_feat   the teacher's (needs a teacher)
+  masked_image                student image encoding with `patch_mask` applied
+  masked_fusion               student fusion of (`mlm_ids`, masked image)
+  ema_masked_fusion           teacher fusion of (`mlm_ids`, clean image): MLM distillation targets
+  ema_clean_fusion            teacher fusion of the clean pair, per layer (MAMO's target)
 """
 import copy
+import functools
+import inspect
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+_FEATURES: dict[str, Callable] = {}
+
+
+def feature(name: str):
+  """Decorator: registers `fn(ctx) -> value` as the context feature `ctx.<name>`."""
+
+  def wrap(fn):
+    if name in _FEATURES and _FEATURES[name] is not fn:
+      raise ValueError(f"context feature {name!r} is registered twice")
+    _FEATURES[name] = fn
+    return fn
+
+  return wrap
+
+
+def feature_names() -> list[str]:
+  return sorted(_FEATURES)
+
 
 class ModelFns:
-  """A VLPModel bound to one set of params, with dropout on (student) or off (teacher)."""
+  """A model bound to one set of params, with dropout on (student) or off (teacher).
+
+  Any method of the model is available as an attribute (`fns.fuse(...)`, `fns.mlm_logits(...)`,
+  task methods such as `fns.answer_logits(...)`); its outputs pass through this side's
+  stop-gradient, and methods that take `deterministic` get this side's value unless the call
+  gives one. `fns.apply(fn, ...)` also takes a function `fn(module, ...)` (heads registered
+  outside the model class).
+  """
 
   def __init__(self, model: nn.Module, params: Any, dropout_rng: Optional[jax.Array], stop_gradient: bool):
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
@@ -24,87 +63,95 @@ class ModelFns:
     self._deterministic = dropout_rng is None
     self._sg = jax.lax.stop_gradient if stop_gradient else (lambda x: x)
 
-  def _out(self, x):
-    return jax.tree.map(self._sg, x)
-
-  def encode_image(self, images, patch_mask=None, extra_tokens=None, extra_mask=None):
-    return self._out(self._bound.encode_image(images, patch_mask, extra_tokens, extra_mask))
-
-  def encode_text(self, ids, mask):
-    return self._out(self._bound.encode_text(ids, mask, deterministic=self._deterministic))
-
-  def fuse(self, text_states, text_mask, image_states, image_mask=None):
-    return self._out(self._bound.fuse(text_states, text_mask, image_states, image_mask,
-                                      deterministic=self._deterministic))
-
-  def project_image(self, cls):
-    return self._out(self._bound.project_image(cls))
-
-  def project_text(self, cls):
-    return self._out(self._bound.project_text(cls))
-
-  def itm_logits(self, cls):
-    return self._out(self._bound.itm_logits(cls))
-
-  def mlm_logits(self, states):
-    return self._out(self._bound.mlm_logits(states))
-
-  def mrm_predict(self, states):
-    return self._out(self._bound.mrm_predict(states))
-
-  def mim_predict(self, states):
-    return self._out(self._bound.mim_predict(states))
-
-  def temperature(self):
-    return self._out(self._bound.temperature())
-
   @property
   def deterministic(self) -> bool:
     """True for the teacher (no dropout)."""
     return self._deterministic
 
-  def apply(self, method: str, *args, **kwargs):
-    """Calls any method of the bound model (task models add their own), with this side's
-    stop-gradient; pass `deterministic=self.deterministic` where the method takes it."""
-    return self._out(getattr(self._bound, method)(*args, **kwargs))
+  @property
+  def config(self):
+    return self._bound.config
+
+  def _call(self, fn, args, kwargs):
+    if "deterministic" not in kwargs and _takes_deterministic(fn):
+      kwargs = dict(kwargs, deterministic=self._deterministic)
+    return jax.tree.map(self._sg, fn(*args, **kwargs))
+
+  def apply(self, method, *args, **kwargs):
+    """Calls a model method (by name) or `method(module, ...)`, with this side's stop-gradient."""
+    if isinstance(method, str):
+      return self._call(getattr(self._bound, method), args, kwargs)
+    return self._call(functools.partial(method, self._bound), args, kwargs)
+
+  def __getattr__(self, name: str):
+    if name.startswith("_"):
+      raise AttributeError(name)
+    method = getattr(self._bound, name)
+    if not callable(method):
+      raise AttributeError(f"model attribute {name!r} is not a method")
+    return lambda *args, **kwargs: self._call(method, args, kwargs)
 
 
-def _cached(fn):
-  name = fn.__name__
+@functools.lru_cache(maxsize=None)
+def _signature_takes_deterministic(fn) -> bool:
+  try:
+    return "deterministic" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
 
-  def get(self):
-    if name not in self._cache:
-      self._cache[name] = fn(self)
-    return self._cache[name]
 
-  get.__doc__ = fn.__doc__
-  return property(get)
+def _takes_deterministic(fn) -> bool:
+  target = getattr(fn, "__func__", None) or getattr(fn, "func", None) or fn
+  if isinstance(fn, functools.partial):
+    target = fn.func
+  return _signature_takes_deterministic(target)
 
 
 class Context:
-  """What an objective sees. B = global batch, Q = queue size, E = ITC width."""
+  """What an objective sees. B = global batch.
 
-  def __init__(self, *, model, params, ema_params, queues, batch, rng, step, alpha, num_groups,
-               cfg: Optional[ml_collections.ConfigDict] = None):
+  Attributes: `batch`, `step`, `alpha` (distillation weight), `num_groups` (data shards, for
+  ITM's `local` scope), `cfg` (the current objective's config), `state` (the current
+  objective's own state, or None), `student` / `teacher` (`ModelFns`), and every registered
+  feature as `ctx.<name>`.
+  """
+
+  def __init__(self, *, model, params, ema_params, objective_state, batch, rng, step, alpha, num_groups,
+               cfg: Optional[ml_collections.ConfigDict] = None, name: str = ""):
     self.batch = batch
-    if "image" not in queues:
-      dim = model.config.embed_dim
-      queues = dict(queues, image=jnp.zeros((0, dim), jnp.float32), text=jnp.zeros((0, dim), jnp.float32),
-                    idx=jnp.zeros((0,), jnp.int32))
-    self.queues = queues
+    self.objective_state = dict(objective_state or {})
     self.step = step
     self.alpha = alpha
     self.num_groups = num_groups
     self.cfg = cfg if cfg is not None else ml_collections.ConfigDict()
+    self.name = name
     self._rng = rng
+    self.model_config = model.config
     self.student = ModelFns(model, params, jax.random.fold_in(rng, 0), stop_gradient=False)
-    self.teacher = ModelFns(model, ema_params, None, stop_gradient=True)
+    self._teacher = None if ema_params is None else ModelFns(model, ema_params, None, stop_gradient=True)
     self._cache: dict[str, Any] = {}
 
-  def with_cfg(self, cfg: ml_collections.ConfigDict) -> "Context":
-    """A view with an objective's own config; the feature cache is shared."""
+  @property
+  def teacher(self) -> ModelFns:
+    if self._teacher is None:
+      raise ValueError(f"objective {self.name or '?'!r} reads the EMA teacher, but this run has none; "
+                       "set config.teacher.momentum > 0 (e.g. 0.995)")
+    return self._teacher
+
+  @property
+  def has_teacher(self) -> bool:
+    return self._teacher is not None
+
+  @property
+  def state(self):
+    """The current objective's own state (`init_state` of its registration), or None."""
+    return self.objective_state.get(self.name)
+
+  def with_cfg(self, cfg: ml_collections.ConfigDict, name: str = "") -> "Context":
+    """A view for one objective (its config and name); the feature cache is shared."""
     view = copy.copy(self)
     view.cfg = cfg
+    view.name = name
     return view
 
   def rng(self, name: str) -> jax.Array:
@@ -113,81 +160,100 @@ class Context:
   def cached(self, name: str) -> bool:
     return name in self._cache
 
-  # Student, clean inputs.
-  @_cached
-  def image(self):
-    """dict(states [B,N,Dv], layer_cls [depth,B,Dv])."""
-    return self.student.encode_image(self.batch["image"])
+  def __getattr__(self, name: str):
+    if name.startswith("_") or name not in _FEATURES:
+      raise AttributeError(f"the objective context has no attribute or registered feature {name!r}; "
+                           f"features: {feature_names()}")
+    cache = self.__dict__["_cache"]
+    if name not in cache:
+      cache[name] = _FEATURES[name](self)
+    return cache[name]
 
-  @_cached
-  def text(self):
-    """dict(states [B,L,D], layer_cls [text_layers,B,D]) of `text_ids`."""
-    return self.student.encode_text(self.batch["text_ids"], self.batch["text_mask"])
+  def image_inputs(self) -> dict:
+    """Keyword inputs of `encode_image` beyond the pixels: the extra image-side token ids
+    (`concept_ids`, `concept_mask`) when the batch has them."""
+    return {k: self.batch[k] for k in ("concept_ids", "concept_mask") if k in self.batch}
 
-  @_cached
-  def image_feat(self):
-    return self.student.project_image(self.image["states"][:, 0])
 
-  @_cached
-  def text_feat(self):
-    return self.student.project_text(self.text["states"][:, 0])
+# ----------------------------------------------------------------------------- shared features
 
-  @_cached
-  def temp(self):
-    return self.student.temperature()
 
-  # Teacher (EMA), clean inputs.
-  @_cached
-  def ema_image(self):
-    return self.teacher.encode_image(self.batch["image"])
+@feature("image")
+def _image(ctx):
+  """dict(states [B,N,Dv], layer_cls [depth,B,Dv], mask [B,N] | None) of the clean image."""
+  return ctx.student.encode_image(ctx.batch["image"], **ctx.image_inputs())
 
-  @_cached
-  def ema_text(self):
-    return self.teacher.encode_text(self.batch["text_ids"], self.batch["text_mask"])
 
-  @_cached
-  def ema_image_feat(self):
-    return self.teacher.project_image(self.ema_image["states"][:, 0])
+@feature("text")
+def _text(ctx):
+  """dict(states [B,L,D], layer_cls [text_layers,B,D]) of `text_ids`."""
+  return ctx.student.encode_text(ctx.batch["text_ids"], ctx.batch["text_mask"])
 
-  @_cached
-  def ema_text_feat(self):
-    return self.teacher.project_text(self.ema_text["states"][:, 0])
 
-  @_cached
-  def itc_sims(self):
-    """Student features against [EMA batch features ; queue], divided by the temperature.
+@feature("image_feat")
+def _image_feat(ctx):
+  return ctx.student.project_image(ctx.image["states"][:, 0])
 
-    i2t = image_feat @ [ema_text_feat ; queue.text].T / temp  -> [B, B+Q]; t2i likewise.
-    """
-    text_keys = jnp.concatenate([self.ema_text_feat, self.queues["text"]], axis=0)
-    image_keys = jnp.concatenate([self.ema_image_feat, self.queues["image"]], axis=0)
-    temp = self.temp
-    return dict(i2t=self.image_feat @ text_keys.T / temp, t2i=self.text_feat @ image_keys.T / temp)
 
-  # Masked inputs (MLM, MAMO).
-  @_cached
-  def masked_image(self):
-    """The student's image encoding with `patch_mask` applied, or the clean one without it."""
-    if "patch_mask" not in self.batch:
-      return self.image
-    return self.student.encode_image(self.batch["image"], self.batch["patch_mask"])
+@feature("text_feat")
+def _text_feat(ctx):
+  return ctx.student.project_text(ctx.text["states"][:, 0])
 
-  @_cached
-  def masked(self):
-    """Student fusion of (`mlm_ids`, masked image): dict(text_states, image_states|None, ...)."""
-    text = self.student.encode_text(self.batch["mlm_ids"], self.batch["text_mask"])
-    return self.student.fuse(text["states"], self.batch["text_mask"], self.masked_image["states"])
 
-  @_cached
-  def ema_masked(self):
-    """Teacher fusion of (`mlm_ids`, clean image): ALBEF's MLM distillation targets."""
-    text = self.teacher.encode_text(self.batch["mlm_ids"], self.batch["text_mask"])
-    return self.teacher.fuse(text["states"], self.batch["text_mask"], self.ema_image["states"])
+@feature("temp")
+def _temp(ctx):
+  return ctx.student.temperature()
 
-  @_cached
-  def ema_clean(self):
-    """Teacher fusion of the clean pair with per-layer states (MAMO's implicit target)."""
-    return self.teacher.fuse(self.ema_text["states"], self.batch["text_mask"], self.ema_image["states"])
+
+@feature("ema_image")
+def _ema_image(ctx):
+  return ctx.teacher.encode_image(ctx.batch["image"], **ctx.image_inputs())
+
+
+@feature("ema_text")
+def _ema_text(ctx):
+  return ctx.teacher.encode_text(ctx.batch["text_ids"], ctx.batch["text_mask"])
+
+
+@feature("ema_image_feat")
+def _ema_image_feat(ctx):
+  return ctx.teacher.project_image(ctx.ema_image["states"][:, 0])
+
+
+@feature("ema_text_feat")
+def _ema_text_feat(ctx):
+  return ctx.teacher.project_text(ctx.ema_text["states"][:, 0])
+
+
+@feature("masked_image")
+def _masked_image(ctx):
+  """The student's image encoding with `patch_mask` applied, or the clean one without it."""
+  if "patch_mask" not in ctx.batch:
+    return ctx.image
+  return ctx.student.encode_image(ctx.batch["image"], ctx.batch["patch_mask"], **ctx.image_inputs())
+
+
+@feature("masked_fusion")
+def _masked_fusion(ctx):
+  """Student fusion of (`mlm_ids`, masked image): dict(text_states, image_states|None, ...)."""
+  text = ctx.student.encode_text(ctx.batch["mlm_ids"], ctx.batch["text_mask"])
+  image = ctx.masked_image
+  return ctx.student.fuse(text["states"], ctx.batch["text_mask"], image["states"], image.get("mask"))
+
+
+@feature("ema_masked_fusion")
+def _ema_masked_fusion(ctx):
+  """Teacher fusion of (`mlm_ids`, clean image): ALBEF's MLM distillation targets."""
+  text = ctx.teacher.encode_text(ctx.batch["mlm_ids"], ctx.batch["text_mask"])
+  image = ctx.ema_image
+  return ctx.teacher.fuse(text["states"], ctx.batch["text_mask"], image["states"], image.get("mask"))
+
+
+@feature("ema_clean_fusion")
+def _ema_clean_fusion(ctx):
+  """Teacher fusion of the clean pair with per-layer states (MAMO's implicit target)."""
+  image = ctx.ema_image
+  return ctx.teacher.fuse(ctx.ema_text["states"], ctx.batch["text_mask"], image["states"], image.get("mask"))
 
 
 def alpha_at(step: jax.Array, alpha: float, ramp_steps: int) -> jax.Array:

@@ -1,8 +1,80 @@
-"""ALBEF image-text contrastive loss with momentum distillation (METHODS.md §1.2)."""
+"""ALBEF image-text contrastive loss with momentum distillation (METHODS.md §1.2).
+
+The objective owns its feature queue (`queue_size` > 0 in its config): image and text rows of
+the teacher's features and their image ids, written one global batch at a time after each step.
+"""
 import jax
 import jax.numpy as jnp
 
+from vlpjax.models import layers
+from vlpjax.objectives import context as context_lib
 from vlpjax.objectives import registry
+
+
+def init_queue(cfg, model_config, rng: jax.Array) -> dict | None:
+  """ALBEF initialises the feature queues with random unit vectors; ids start empty (-1).
+
+  Returns None without a queue (`queue_size` 0): nothing to keep or checkpoint.
+  """
+  queue_size = int(cfg.get("queue_size", 0))
+  if queue_size == 0:
+    return None
+  image_rng, text_rng = jax.random.split(rng)
+  dim = model_config.embed_dim
+  return dict(
+      image=layers.l2_normalize(jax.random.normal(image_rng, (queue_size, dim))),
+      text=layers.l2_normalize(jax.random.normal(text_rng, (queue_size, dim))),
+      idx=jnp.full((queue_size,), -1, jnp.int32),
+      ptr=jnp.zeros((), jnp.int32))
+
+
+def enqueue(queue: dict, image_feat: jax.Array, text_feat: jax.Array, image_id: jax.Array) -> dict:
+  """Writes the batch rows at `ptr` (queue size is a multiple of the global batch)."""
+  ptr = queue["ptr"]
+  size = queue["image"].shape[0]
+  return dict(
+      image=jax.lax.dynamic_update_slice(queue["image"], image_feat.astype(queue["image"].dtype), (ptr, 0)),
+      text=jax.lax.dynamic_update_slice(queue["text"], text_feat.astype(queue["text"].dtype), (ptr, 0)),
+      idx=jax.lax.dynamic_update_slice(queue["idx"], image_id.astype(jnp.int32), (ptr,)),
+      ptr=(ptr + image_feat.shape[0]) % size)
+
+
+def update_queue(ctx, batch, queue):
+  """After the step: the teacher's ITC features of the global batch and their image ids."""
+  if queue is None:
+    return None
+  return enqueue(queue, ctx.ema_image_feat, ctx.ema_text_feat, batch["image_id"])
+
+
+def check_queue(cfg, config) -> None:
+  queue_size = int(cfg.get("queue_size", 0))
+  global_batch = int(config.batch_size)
+  if queue_size and queue_size % global_batch:
+    raise ValueError(f"config.objectives.itc.queue_size={queue_size} must be a multiple of the global batch "
+                     f"config.batch_size={global_batch} (queue rows are written one batch at a time)")
+
+
+def queue_of(ctx) -> dict:
+  """The ITC queue (empty [0, E] arrays without one)."""
+  queue = ctx.objective_state.get("itc")
+  if queue is None:
+    dim = ctx.model_config.embed_dim
+    return dict(image=jnp.zeros((0, dim), jnp.float32), text=jnp.zeros((0, dim), jnp.float32),
+                idx=jnp.zeros((0,), jnp.int32))
+  return queue
+
+
+@context_lib.feature("itc_sims")
+def itc_sims(ctx):
+  """Student features against [teacher batch features ; ITC queue], divided by the temperature.
+
+  i2t = image_feat @ [ema_text_feat ; queue.text].T / temp  -> [B, B+Q]; t2i likewise.
+  """
+  queue = queue_of(ctx)
+  text_keys = jnp.concatenate([ctx.ema_text_feat, queue["text"]], axis=0)
+  image_keys = jnp.concatenate([ctx.ema_image_feat, queue["image"]], axis=0)
+  temp = ctx.temp
+  return dict(i2t=ctx.image_feat @ text_keys.T / temp, t2i=ctx.text_feat @ image_keys.T / temp)
 
 
 def positive_targets(batch_size: int, queue_ids: jax.Array,
@@ -40,17 +112,19 @@ def in_batch_accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(jnp.take_along_axis(targets, best[:, None], axis=1)[:, 0] > 0)
 
 
-@registry.register("itc")
+@registry.register("itc", heads=("itc",), needs_teacher=True, init_state=init_queue,
+                   update_state=update_queue, check=check_queue)
 def itc_loss(ctx, batch):
   """Image-text contrastive loss with momentum-distilled soft targets (ALBEF MoD).
 
   Inputs (B = global batch, Q = queue rows, E = embedding width):
     ctx.itc_sims['i2t'], ['t2i']: [B, B+Q] student logits: student image (text) features
       against the keys [teacher batch text (image) features ; text (image) queue], over temp.
-    ctx.ema_image_feat, ctx.ema_text_feat: [B, E] teacher features; ctx.queues['image'],
-      ['text']: [Q, E]; ctx.queues['idx']: [Q] image ids; ctx.temp, ctx.alpha: scalars.
+    ctx.ema_image_feat, ctx.ema_text_feat: [B, E] teacher features; the objective's queue
+      `ctx.state` (image, text [Q, E], idx [Q] image ids; None = no queue); ctx.temp, ctx.alpha.
     batch['image_id']: int [B], read only when `id_positives` is set.
-  Config: `distill` (default True; False means alpha = 0), `id_positives` (default False).
+  Config: `distill` (default True; False means alpha = 0), `id_positives` (default False),
+  `queue_size` (default 0 = no queue; a multiple of the global batch).
 
   Formula, per direction d in {i2t, t2i} with student logits s_d and teacher logits
   s'_i2t = ema_image_feat @ [ema_text_feat ; text_queue].T / temp (t2i likewise):
@@ -66,7 +140,8 @@ def itc_loss(ctx, batch):
   i2t_logits = ctx.itc_sims["i2t"].astype(jnp.float32)
   t2i_logits = ctx.itc_sims["t2i"].astype(jnp.float32)
   batch_size = i2t_logits.shape[0]
-  queue_ids = ctx.queues["idx"]
+  queue = queue_of(ctx)
+  queue_ids = queue["idx"]
   num_columns = batch_size + queue_ids.shape[0]
   for name, logits in (("i2t", i2t_logits), ("t2i", t2i_logits)):
     if logits.shape != (batch_size, num_columns):
@@ -84,8 +159,8 @@ def itc_loss(ctx, batch):
     temp = jnp.asarray(ctx.temp, jnp.float32)
     ema_image = ctx.ema_image_feat.astype(jnp.float32)
     ema_text = ctx.ema_text_feat.astype(jnp.float32)
-    text_keys = jnp.concatenate([ema_text, ctx.queues["text"].astype(jnp.float32)])
-    image_keys = jnp.concatenate([ema_image, ctx.queues["image"].astype(jnp.float32)])
+    text_keys = jnp.concatenate([ema_text, queue["text"].astype(jnp.float32)])
+    image_keys = jnp.concatenate([ema_image, queue["image"].astype(jnp.float32)])
     teacher_i2t = jax.lax.stop_gradient(ema_image @ text_keys.T / temp)
     teacher_t2i = jax.lax.stop_gradient(ema_text @ image_keys.T / temp)
     i2t_targets = alpha * jax.nn.softmax(teacher_i2t, axis=-1) + (1 - alpha) * positives

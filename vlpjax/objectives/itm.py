@@ -62,8 +62,9 @@ def _num_groups(ctx) -> int:
 def hard_negative_indices(ctx, batch) -> tuple[jax.Array, jax.Array]:
   """One negative image per text and one negative text per image, from the student ITC logits.
 
-  Uses the in-batch block (first B columns) of ctx.itc_sims under stop_gradient: the text-to-image
-  row of text b picks its negative image, the image-to-text row of image b its negative text.
+  Uses the in-batch block (first B columns) of the similarity feature `cfg.sims` (default
+  `itc_sims`, a dict of i2t / t2i logits [B, B+Q]) under stop_gradient: the text-to-image row of
+  text b picks its negative image, the image-to-text row of image b its negative text.
   Keys come from ctx.rng('itm'); the scope is cfg.scope ('local' = per data shard, default).
 
   Returns:
@@ -71,8 +72,9 @@ def hard_negative_indices(ctx, batch) -> tuple[jax.Array, jax.Array]:
   """
   registry.require_batch_keys(batch, ["image_id"], "itm")
   batch_size = batch["image_id"].shape[0]
-  i2t = jax.lax.stop_gradient(ctx.itc_sims["i2t"][:, :batch_size])
-  t2i = jax.lax.stop_gradient(ctx.itc_sims["t2i"][:, :batch_size])
+  sims = getattr(ctx, ctx.cfg.get("sims", "itc_sims"))
+  i2t = jax.lax.stop_gradient(sims["i2t"][:, :batch_size])
+  t2i = jax.lax.stop_gradient(sims["t2i"][:, :batch_size])
   image_key, text_key = jax.random.split(ctx.rng("itm"))
   num_groups = _num_groups(ctx)
   negative_image_idx = sample_hard_negatives(image_key, t2i, batch["image_id"], num_groups)
@@ -109,14 +111,20 @@ def itm_logits_and_labels(ctx, batch, negative_image_idx: jax.Array,
   return logits, labels
 
 
-@registry.register("itm")
+def _needs_teacher(cfg) -> bool:
+  # ALBEF's similarities (`itc_sims`) score students against the teacher's features.
+  return cfg.get("sims", "itc_sims") == "itc_sims"
+
+
+@registry.register("itm", heads=("itm",), needs_teacher=_needs_teacher)
 def itm_loss(ctx, batch):
   """Image-text matching loss over B positives and 2B in-batch hard negatives (ALBEF).
 
   Inputs: ctx.itc_sims (i2t, t2i [B, B+Q]), ctx.text['states'] [B, L, D],
   ctx.image['states'] [B, N, Dv], ctx.student.fuse / itm_logits, ctx.rng('itm'),
   ctx.num_groups; batch['text_mask'] [B, L], batch['image_id'] [B].
-  Config: `scope` 'local' (default; sample within each data shard, as ALBEF per GPU) or 'global'.
+  Config: `scope` 'local' (default; sample within each data shard, as ALBEF per GPU) or 'global';
+  `sims` the context feature the negatives are drawn from (default 'itc_sims').
 
   Formula: negatives from `hard_negative_indices`, logits z [3B, 2] and labels y from
   `itm_logits_and_labels`; loss = mean_{k < 3B} -log softmax(z_k)[y_k], in float32.

@@ -8,12 +8,12 @@ from vlpjax.objectives.mrm import (TARGET_NORMS, masked_sum_and_count, normalize
 LOSSES = ("cosine", "mse")
 
 
-@registry.register("mim")
+@registry.register("mim", heads=("mim",), needs_teacher=True)
 def mim_loss(ctx, batch):
   """Regression of the masked patches onto the teacher image encoder's clean patch features.
 
   Inputs (B batch, N image tokens incl. CLS, D fusion width, Dv vision width):
-    ctx.masked['image_states'] [B, N, D]: student fused states on the masked pair (needs the
+    ctx.masked_fusion['image_states'] [B, N, D]: student fused states on the masked pair (needs the
       `merged` fusion; `cross` returns None);
     ctx.student.mim_predict: [B, N-1, D] -> [B, N-1, Dv];
     ctx.ema_image['states'] [B, N, Dv]: teacher image encoding of the clean image;
@@ -33,9 +33,9 @@ def mim_loss(ctx, batch):
   registry.require_batch_keys(batch, ["patch_mask"], "mim")
   kind = registry.choice(cfg, "loss", "cosine", LOSSES, "mim")
   target_norm = registry.choice(cfg, "target_norm", "none", TARGET_NORMS, "mim")
-  image_states = ctx.masked.get("image_states")
+  image_states = ctx.masked_fusion.get("image_states")
   if image_states is None:
-    raise ValueError("objective 'mim' needs fused image states (ctx.masked['image_states']); "
+    raise ValueError("objective 'mim' needs fused image states (ctx.masked_fusion['image_states']); "
                      "use the 'merged' fusion (the 'cross' fusion outputs text states only)")
   patch_mask = batch["patch_mask"]
   predictions = ctx.student.mim_predict(image_states[:, 1:])

@@ -5,14 +5,14 @@ import jax.numpy as jnp
 from vlpjax.objectives import registry
 
 
-@registry.register("mlm")
+@registry.register("mlm", heads=("mlm",), needs_teacher=lambda cfg: cfg.get("distill", True))
 def mlm_loss(ctx, batch):
   """Cross-entropy on the masked text tokens, mixed with the teacher's soft predictions.
 
   Inputs (B batch, L text length, D width, V vocabulary):
-    ctx.masked['text_states']: [B, L, D] student fused states on the corrupted ids;
+    ctx.masked_fusion['text_states']: [B, L, D] student fused states on the corrupted ids;
     ctx.student.mlm_logits: [B, L, D] -> [B, L, V];
-    ctx.ema_masked['text_states']: [B, L, D] teacher fused states on the same corrupted ids and
+    ctx.ema_masked_fusion['text_states']: [B, L, D] teacher fused states on the same corrupted ids and
       ctx.teacher.mlm_logits (read only with distillation on);
     ctx.alpha: scalar; batch['mlm_labels']: int [B, L], the original id at masked positions and
       -1 elsewhere.
@@ -30,10 +30,10 @@ def mlm_loss(ctx, batch):
   """
   registry.require_batch_keys(batch, ["mlm_labels"], "mlm")
   labels = batch["mlm_labels"]
-  states = ctx.masked["text_states"]
+  states = ctx.masked_fusion["text_states"]
   if states.shape[:2] != labels.shape:
     raise ValueError(f"objective 'mlm': batch['mlm_labels'] has shape {labels.shape} but "
-                     f"ctx.masked['text_states'] has [B, L] = {states.shape[:2]}")
+                     f"ctx.masked_fusion['text_states'] has [B, L] = {states.shape[:2]}")
   log_probs = jax.nn.log_softmax(ctx.student.mlm_logits(states).astype(jnp.float32), axis=-1)
   masked = labels >= 0
   num_masked = jnp.maximum(jnp.sum(masked), 1).astype(jnp.float32)
@@ -42,7 +42,7 @@ def mlm_loss(ctx, batch):
                                         axis=-1)[..., 0]
   loss = -jnp.sum(jnp.where(masked, label_log_probs, 0.0)) / num_masked
   if ctx.cfg.get("distill", True):
-    teacher_logits = ctx.teacher.mlm_logits(ctx.ema_masked["text_states"])
+    teacher_logits = ctx.teacher.mlm_logits(ctx.ema_masked_fusion["text_states"])
     teacher_probs = jax.nn.softmax(
         jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
     soft_ce = -jnp.sum(teacher_probs * log_probs, axis=-1)

@@ -96,14 +96,14 @@ def safe_divide(total: jax.Array, count: jax.Array) -> jax.Array:
   return total / jnp.maximum(count, 1.0)
 
 
-@registry.register("mrm")
+@registry.register("mrm", heads=("mrm",), needs_teacher=True)
 def mrm_loss(ctx, batch):
   """Masked representation modelling: predict the teacher's clean fused states at masked positions.
 
   Inputs (B batch, L text length, N image tokens incl. CLS, D fusion width):
-    ctx.masked['text_states'] [B, L, D], ctx.masked['image_states'] [B, N, D] or None: student
+    ctx.masked_fusion['text_states'] [B, L, D], ctx.masked_fusion['image_states'] [B, N, D] or None: student
       fused states on the masked pair; ctx.student.mrm_predict: [B, T, D] -> [B, T, D];
-    ctx.ema_clean['layer_text_states'] / ['layer_image_states']: per-layer [B, L, D] /
+    ctx.ema_clean_fusion['layer_text_states'] / ['layer_image_states']: per-layer [B, L, D] /
       [B, N, D] teacher fused states on the clean pair;
     batch['mlm_labels'] int [B, L] (>= 0 at masked text tokens);
     batch['patch_mask'] bool [B, N-1] (optional; True = masked patch; image token n+1 is patch n).
@@ -127,22 +127,22 @@ def mrm_loss(ctx, batch):
   kind = registry.choice(cfg, "loss", "mse", LOSSES, "mrm")
   beta = cfg.get("beta", 1.0)
 
-  text_states = ctx.masked["text_states"]
+  text_states = ctx.masked_fusion["text_states"]
   text_positions = batch["mlm_labels"] >= 0
   if text_positions.shape != text_states.shape[:2]:
     raise ValueError(f"objective 'mrm': batch['mlm_labels'] has shape {text_positions.shape} "
-                     f"but ctx.masked['text_states'] has [B, L] = {text_states.shape[:2]}")
-  image_states = ctx.masked.get("image_states")
+                     f"but ctx.masked_fusion['text_states'] has [B, L] = {text_states.shape[:2]}")
+  image_states = ctx.masked_fusion.get("image_states")
   use_image = image_states is not None and "patch_mask" in batch
   text_length = text_states.shape[1]
 
-  text_target = top_k_layer_average(ctx.ema_clean["layer_text_states"], top_k, target_norm)
+  text_target = top_k_layer_average(ctx.ema_clean_fusion["layer_text_states"], top_k, target_norm)
   if use_image:
     patch_mask = batch["patch_mask"]
     if patch_mask.shape != (image_states.shape[0], image_states.shape[1] - 1):
       raise ValueError(f"objective 'mrm': batch['patch_mask'] has shape {patch_mask.shape}; "
                        f"expected [B, N-1] = {(image_states.shape[0], image_states.shape[1] - 1)}")
-    image_target = top_k_layer_average(ctx.ema_clean["layer_image_states"], top_k,
+    image_target = top_k_layer_average(ctx.ema_clean_fusion["layer_image_states"], top_k,
                                        target_norm)[:, 1:]
     student_states = jnp.concatenate([text_states, image_states[:, 1:]], axis=1)
     targets = jnp.concatenate([text_target, image_target], axis=1)

@@ -58,7 +58,7 @@ def _check_answers(batch, name: str):
                      f"batch['text_mask'] has {batch['text_mask'].shape[0]}")
 
 
-@registry.register("vqa")
+@registry.register("vqa", needs_teacher=lambda cfg: cfg.get("distill", True))
 def vqa_loss(ctx, batch):
   """ALBEF's VQA loss: answer-weighted sequence NLL of the answer decoder, with momentum distillation.
 
