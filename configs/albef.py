@@ -14,8 +14,26 @@ Demo on the embedded data (CPU, a few minutes; prints zero-shot retrieval on the
 `:tiny` is a seconds-long run used by the tests.
 """
 from configs import common
+from input_pipeline import inputs
 
 
 def get_config(arg: str = ""):
-  config, _ = common.base_config(arg)
+  config, args = common.base_config(arg)
+  # Preprocessing as op strings; `{name}` is the knob config.input.name (input_pipeline/inputs.py).
+  if args.size:
+    # The demo data: mild crops, no flip (inputs.DEMO_IMAGE_PP); captions masked per example.
+    config.input.pp = (inputs.DEMO_IMAGE_PP + "|choose_caption|clean_caption({caption_max_words})"
+                       "|tokenize({max_len})|mask_tokens({mlm_prob})")
+    config.input.batch_pp = ""
+  else:
+    # ALBEF's pretraining transform (METHODS.md §1.3); the caption is tokenized and MLM-masked
+    # per batch (one tokenizer call per batch; masks drawn from the batch seed).
+    config.input.pp = ("decode_random_resized_crop({image_size}, scale=(0.2, 1.0))|flip|randaug(2, 7)"
+                       "|normalize('clip')|choose_caption|clean_caption({caption_max_words})")
+    config.input.batch_pp = "tokenize({max_len})|mask_tokens({mlm_prob})"
+    # --config.input.device_augment=True: the host decodes the crop window only, the accelerator
+    # resizes, flips, augments and normalises.
+    config.input.device_augment_pp = ("decode_crop_canvas({image_size}, scale=(0.2, 1.0))"
+                                      "|choose_caption|clean_caption({caption_max_words})")
+    config.input.device_pp = "resize_canvas({image_size}, canvas={canvas})|flip|randaug(2, 7)|normalize('clip')"
   return config

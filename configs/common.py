@@ -142,7 +142,7 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
     c.batch_size = args.batch
   if args.res:
     c.model.vision.image_size = args.res
-    c.input = inputs.with_image_size(c.input, args.res)
+    c.input.image_size = args.res  # the op strings read it as {image_size}
   return c, args
 
 

@@ -39,6 +39,7 @@ images; the finetuning run evaluates itself at its end (README, "Finetune and ev
 import ml_collections
 
 from configs import common
+from input_pipeline import inputs
 
 BENCHMARKS = {
     # train captions (one JSON entry each), eval rerank depth, epochs
@@ -68,10 +69,10 @@ def retrieval_objectives(queue_size: int = 0) -> dict:
               itm=dict(weight=1.0, scope="local"))
 
 
-def finetune_pp(image_size: int, max_len: int) -> str:
-  """ALBEF's retrieval fine-tune augmentation: crops of 50-100% at `image_size`, flip, RandAugment."""
-  return (f"decode_random_resized_crop({image_size}, scale=(0.5, 1.0))|flip|randaug(2, 7)|normalize('clip')"
-          f"|choose_caption|clean_caption(30)|tokenize({max_len})")
+# ALBEF's retrieval fine-tune augmentation: crops of 50-100% at `image_size`, flip, RandAugment;
+# `{name}` is the knob config.input.name (input_pipeline/inputs.py).
+FINETUNE_PP = ("decode_random_resized_crop({image_size}, scale=(0.5, 1.0))|flip|randaug(2, 7)|normalize('clip')"
+               "|choose_caption|clean_caption(30)|tokenize({max_len})")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -92,7 +93,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.input.num_train_examples = recipe["num_train_examples"]
     config.input.image_size = args.res or RESOLUTION
     config.input.max_len = MAX_LEN
-    config.input.pp = finetune_pp(config.input.image_size, MAX_LEN)
+    config.input.pp = FINETUNE_PP
+    config.input.batch_pp = ""
     if args.batch:
       config.batch_size = args.batch
     config.objectives.itc.queue_size -= config.objectives.itc.queue_size % config.batch_size
@@ -102,6 +104,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   else:
     # Fine-tunes the configs/albef.py:demo (or :tiny) model: same shapes, a lower learning rate.
     common.shrink_finetune(config, args)
+    # The demo data's ops: mild crops, no flip (inputs.DEMO_IMAGE_PP), tokenized per example.
+    config.input.pp = inputs.DEMO_IMAGE_PP + "|choose_caption|clean_caption(30)|tokenize({max_len})"
     demo = args.size == "demo"
     config.eval = dict(every_steps=config.total_steps, split="test", batch_size=256 if demo else 32,
                        k_test=16 if demo else 8)

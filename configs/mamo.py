@@ -22,16 +22,37 @@ Demo on the embedded data (CPU, a few minutes):
 `:tiny` is a seconds-long run used by the tests.
 """
 from configs import common
+from input_pipeline import inputs
+
+# Joint masking, made by the input pipeline: image patches (ratio, random | block) and words.
+MASK_PATCHES = ("mask_patches({patch_mask_ratio}, grid=({patch_grid}, {patch_grid}), "
+                "strategy={patch_mask_strategy!r}, min_block={patch_mask_min_block})")
 
 
 def get_config(arg: str = ""):
-  config, _ = common.base_config(arg)
+  config, args = common.base_config(arg)
   config.model.fusion = "merged"
   config.model.heads = ("itc", "itm", "mlm", "mrm", "mim")
-  # Joint masking, made by the input pipeline: image patches (ratio, random | block) and words.
   config.input.patch_mask_ratio = 0.5
   config.input.patch_mask_strategy = "random"
   config.input.mlm_prob = 0.15
+  # Preprocessing as op strings; `{name}` is the knob config.input.name (input_pipeline/inputs.py).
+  if args.size:
+    # The demo data: mild crops, no flip (inputs.DEMO_IMAGE_PP); captions masked per example.
+    config.input.pp = (inputs.DEMO_IMAGE_PP + "|choose_caption|clean_caption({caption_max_words})"
+                       "|tokenize({max_len})|mask_tokens({mlm_prob})|" + MASK_PATCHES)
+    config.input.batch_pp = ""
+  else:
+    # ALBEF's pretraining transform (METHODS.md §1.3) and the patch mask per example; the
+    # caption is tokenized and MLM-masked per batch.
+    config.input.pp = ("decode_random_resized_crop({image_size}, scale=(0.2, 1.0))|flip|randaug(2, 7)"
+                       "|normalize('clip')|choose_caption|clean_caption({caption_max_words})|" + MASK_PATCHES)
+    config.input.batch_pp = "tokenize({max_len})|mask_tokens({mlm_prob})"
+    # --config.input.device_augment=True: the host decodes the crop window only, the accelerator
+    # resizes, flips, augments and normalises.
+    config.input.device_augment_pp = ("decode_crop_canvas({image_size}, scale=(0.2, 1.0))"
+                                      "|choose_caption|clean_caption({caption_max_words})|" + MASK_PATCHES)
+    config.input.device_pp = "resize_canvas({image_size}, canvas={canvas})|flip|randaug(2, 7)|normalize('clip')"
   config.objectives = dict(
       common.albef_objectives(config.objectives.itc.queue_size),
       mrm=dict(weight=1.0, top_k=3, target_norm="layernorm", loss="mse", beta=1.0),

@@ -9,6 +9,10 @@ so it runs inside `tf.data.Dataset.map`. A spec string chains ops with `|`:
 Arguments are Python literals. Ops that need randomness read the per-example stateless seed
 `example['_seed']` (an int64 [2] tensor) and derive their own sub-seed from a fixed salt,
 so a batch is a pure function of (run seed, example position).
+
+Modules register their ops when imported; this module imports none of them (that would make
+an import cycle), so a caller imports the op modules it uses (`input_pipeline.pipeline`
+imports them all).
 """
 import ast
 from typing import Callable
@@ -17,9 +21,8 @@ from typing import Callable
 class OpRegistry:
   """Op factories by name; `what` names the kind of op in error messages."""
 
-  def __init__(self, what: str, before_lookup: Callable[[], None] = lambda: None):
+  def __init__(self, what: str):
     self._what = what
-    self._before_lookup = before_lookup
     self._factories: dict[str, Callable] = {}
 
   def register(self, name: str):
@@ -38,7 +41,6 @@ class OpRegistry:
 
   def get_op(self, spec: str) -> Callable:
     """Builds one op from a spec such as `"tokenize(25)"`."""
-    self._before_lookup()
     name, args, kwargs = _parse_call(spec)
     if name not in self._factories:
       raise KeyError(f"unknown {self._what} {name!r} in {spec!r}; known: "
@@ -90,11 +92,6 @@ def parse(spec: str) -> Callable:
   return apply
 
 
-def _import_ops():
-  # Importing the op modules registers their ops. Local import avoids a cycle.
-  from input_pipeline import ops_image, ops_mask, ops_text  # noqa: F401
-
-
 # The tf.data ops (per example and per batch).
-_TF_OPS = OpRegistry("preprocessing op", before_lookup=_import_ops)
+_TF_OPS = OpRegistry("preprocessing op")
 register, names, get_op = _TF_OPS.register, _TF_OPS.names, _TF_OPS.get_op

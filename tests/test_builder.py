@@ -3,23 +3,54 @@ import io
 import json
 import os
 
+from absl import flags
 import jax
 from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
+from configs import albef
+from configs import mamo
 from input_pipeline import builder
+from input_pipeline import caption
 from input_pipeline import device
+from input_pipeline import formats
 from input_pipeline import inputs
 from input_pipeline import ops_image
 from input_pipeline import ops_text
+from input_pipeline import pipeline
 from input_pipeline import registry
+from input_pipeline import sources
 
 LIGHT_PP = ("decode_random_resized_crop(16)|flip|value_range(0, 1)|choose_caption"
-            "|clean_caption(30)|tokenize(8)")
+            "|clean_caption(30)|tokenize(8)|mask_tokens({mlm_prob})"
+            "|mask_patches({patch_mask_ratio}, grid=({patch_grid}, {patch_grid}))")
+# ALBEF's pretraining image ops at 16 px (the caption format's default).
+ALBEF_IMAGE_16 = ("decode_random_resized_crop(16, scale=(0.2, 1.0))|flip|randaug(2, 7)"
+                  "|normalize('clip')")
+MASK_PATCHES_4 = "mask_patches(0.5, grid=(4, 4), strategy='random', min_block=16)"
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _text_only_source(cfg, *, split, process_index=0, process_count=1) -> sources.Source:
+  """12 sentences and nothing else: the shape of VLMixer's text-only stream."""
+  del cfg, split
+  texts = tf.constant([f"sentence number {i} of the corpus" for i in range(12)])
+  records = tf.data.Dataset.range(12).shard(process_count, process_index)
+  return sources.Source("test_text_only", records, lambda i: {"captions": texts[i][None]},
+                        num_examples=len(range(process_index, 12, process_count)),
+                        full_shuffle=True)
+
+
+formats.register(formats.Format(
+    name="test_text_only", source_kinds=("demo",), make_source=_text_only_source,
+    train_ops=lambda cfg: formats.TrainOps("choose_caption|clean_caption(30)",
+                                           "tokenize({max_len})|mask_tokens({mlm_prob})"),
+    eval_pp=lambda cfg: "", passed_fields=()))
 
 
 @registry.register("test_reverse_rows")
@@ -78,6 +109,12 @@ def json_data(tmp_path_factory):
   return path, root
 
 
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> str:
+  """A TFDS data dir the tiny demo set is built into once for this module."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
 def _json_config(json_data, **overrides) -> ml_collections.ConfigDict:
   path, root = json_data
   cfg = inputs.pretrain_input(image_size=16, max_len=8)
@@ -124,28 +161,113 @@ def test_validate_config_names_the_field(json_data):
                                          mixture=[dict(source="demo")]))
 
 
-def test_train_spec_appends_masks_and_fills_the_tokenizer(json_data):
-  cfg = _json_config(json_data, pp="", text_ops_per_batch=False)
-  spec = builder.train_pp_spec(cfg)
-  assert spec.startswith("decode_random_resized_crop(16, scale=(0.2, 1.0))|flip|randaug(2, 7)"
-                         "|normalize('clip')|choose_caption|clean_caption(30)|tokenize(8)")
-  assert spec.endswith("|mask_tokens(0.15)|mask_patches(0.5, grid=(4, 4), strategy='random', "
-                       "min_block=16)")
-  assert builder.train_batch_text_spec(cfg) == ""
-  # By default the caption's tokenizer and MLM masking run on whole batches.
+def test_op_strings_fill_knobs_and_nothing_is_appended(json_data):
+  # A config-written string: knobs filled, nothing appended (patch_mask_ratio is 0.5 here).
+  cfg = _json_config(json_data, batch_pp="mask_tokens({mlm_prob})",
+                     pp="decode|resize({image_size})|tokenize({max_len}, key={patch_mask_strategy!r})")
+  assert builder.train_pp_spec(cfg) == "decode|resize(16)|tokenize(8, key='random')"
+  assert builder.batch_pp_spec(cfg) == "mask_tokens(0.15)"
+  assert builder.train_pp_spec(_json_config(json_data, pp="decode|mask_tokens(0.3)")) == (
+      "decode|mask_tokens(0.3)")  # verbatim
+  assert builder.batch_pp_spec(_json_config(json_data, pp="decode")) == ""  # its own: none
+  assert builder.train_ops(_json_config(json_data)).pp == (
+      "decode_random_resized_crop(16)|flip|value_range(0, 1)|choose_caption|clean_caption(30)"
+      "|tokenize(8)|mask_tokens(0.15)|mask_patches(0.5, grid=(4, 4))")
+  # pp '' = the caption format's defaults, ALBEF's ops: tokenizer and MLM masking per batch.
   cfg = _json_config(json_data, pp="")
-  assert builder.train_pp_spec(cfg) == (
-      "decode_random_resized_crop(16, scale=(0.2, 1.0))|flip|randaug(2, 7)|normalize('clip')"
-      "|choose_caption|clean_caption(30)|mask_patches(0.5, grid=(4, 4), strategy='random', "
-      "min_block=16)")
-  assert builder.train_batch_text_spec(cfg) == "tokenize(8)|mask_tokens(0.15)"
-  assert builder.train_batch_text_spec(_json_config(json_data, pp="decode")) == ""
-  assert builder.train_pp_spec(_json_config(json_data, pp="decode|mask_tokens(0.3)",
-                                            patch_mask_ratio=0.0)) == "decode|mask_tokens(0.3)"
-  assert builder.with_tokenizer("decode|tokenize(8)|mask_tokens(0.15, kind='sentencepiece')",
-                                "wordpiece", "/v/vocab.txt") == (
+  assert builder.train_pp_spec(cfg) == f"{ALBEF_IMAGE_16}|choose_caption|clean_caption(30)"
+  assert builder.batch_pp_spec(cfg) == "tokenize(8)|mask_tokens(0.15)"
+  assert builder.batch_pp_spec(_json_config(json_data, pp="", mlm_prob=0.0)) == "tokenize(8)"
+  assert builder.batch_pp_spec(_json_config(json_data, pp="", batch_pp="tokenize(5)")) == (
+      "tokenize(5)")  # a field the config sets replaces its default
+  with pytest.raises(ValueError, match=r"config.input.batch_pp = .*\{max_lne\} names no knob"):
+    builder.validate_config(_json_config(json_data, batch_pp="tokenize({max_lne})"))
+  with pytest.raises(ValueError, match=r"config.input.pp = .*unknown op 'tokenise'"):
+    builder.validate_config(_json_config(json_data, pp="decode|tokenise(8)"))
+  assert pipeline.with_tokenizer("decode|tokenize(8)|mask_tokens(0.15, kind='sentencepiece')",
+                                 "wordpiece", "/v/vocab.txt") == (
       "decode|tokenize(8, kind='wordpiece', model='/v/vocab.txt')"
       "|mask_tokens(0.15, kind='sentencepiece', model='/v/vocab.txt')")
+
+
+def _flag_config(*args: str) -> ml_collections.ConfigDict:
+  """The config `--config=configs/<args[0]> args[1:]...` gives on the command line."""
+  argv = ["prog", f"--config={os.path.join(CONFIGS, args[0])}", *args[1:]]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_command_line_knobs_reach_the_ops_and_a_written_pp_is_verbatim(demo_dir):
+  full = _flag_config("albef.py", "--config.input.max_len=40", "--config.input.image_size=384")
+  assert builder.batch_pp_spec(full.input) == "tokenize(40)|mask_tokens(0.15)"
+  assert builder.train_pp_spec(full.input).startswith("decode_random_resized_crop(384, ")
+  tiny = _flag_config("albef.py:tiny", "--config.input.max_len=40",
+                      f"--config.input.data_dir={demo_dir}")
+  assert "|tokenize(40)|mask_tokens(0.15)" in builder.train_pp_spec(tiny.input)
+  own = "decode|resize(24)|normalize('clip')|choose_caption|clean_caption(30)|tokenize(12)"
+  written = _flag_config("albef.py:tiny", "--config.input.max_len=40", f"--config.input.pp={own}",
+                         f"--config.input.data_dir={demo_dir}")
+  assert builder.train_pp_spec(written.input) == own
+  for cfg, shapes in ((tiny.input, {"image": (4, 32, 32, 3), "text_ids": (4, 40), "mlm_ids": (4, 40)}),
+                      (written.input, {"image": (4, 24, 24, 3), "text_ids": (4, 12)})):
+    it = builder.make_train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    batch = next(it)
+    it.close()
+    assert {k: batch[k].shape for k in shapes} == shapes
+  assert "mlm_ids" not in batch
+
+
+def test_method_configs_keep_their_ops():
+  """The resolved op strings of the method configs (those of the builder before op strings
+  moved into the configs: the same strings give the same batches)."""
+  image = ("decode_random_resized_crop(256, scale=(0.2, 1.0))|flip|randaug(2, 7)"
+           "|normalize('clip')|choose_caption|clean_caption(30)")
+  canvas = "decode_crop_canvas(256, scale=(0.2, 1.0))|choose_caption|clean_caption(30)"
+  device_ops = "resize_canvas(256, canvas=688)|flip|randaug(2, 7)|normalize('clip')"
+  patches = "|mask_patches(0.5, grid=(16, 16), strategy='random', min_block=16)"
+  want = {
+      albef: formats.TrainOps(image, "tokenize(25)|mask_tokens(0.15)", canvas, device_ops),
+      mamo: formats.TrainOps(image + patches, "tokenize(25)|mask_tokens(0.15)", canvas + patches,
+                             device_ops)}
+  for module, ops in want.items():
+    config = module.get_config("")
+    builder.validate_config(config.input)
+    assert builder.train_ops(config.input) == ops, module.__name__
+    config.input.device_augment = True
+    assert (builder.train_pp_spec(config.input), builder.device_pp_spec(config.input)) == (
+        ops.device_augment_pp, ops.device_pp)
+  demo = ("decode|random_resized_crop({size}, scale=(0.85, 1.0))|normalize('clip')|choose_caption"
+          "|clean_caption(30)|tokenize({length})|mask_tokens(0.15)")
+  for arg, size, length, grid in (("tiny", 32, 16, 4), ("demo", 64, 24, 8)):
+    spec = demo.format(size=size, length=length)
+    assert builder.train_ops(albef.get_config(arg).input) == formats.TrainOps(spec)
+    assert builder.train_ops(mamo.get_config(arg).input) == formats.TrainOps(
+        f"{spec}|mask_patches(0.5, grid=({grid}, {grid}), strategy='random', min_block=16)")
+  # The caption format's defaults are ALBEF's ops.
+  albef_full = albef.get_config("").input
+  assert caption.DEFAULT_OPS == formats.TrainOps(
+      *(albef_full[field] for field in formats.TrainOps._fields))
+
+
+def test_a_format_registered_outside_the_builder_trains_text_only():
+  assert {"caption", "vqa", "nlvr2", "snli_ve", "refcoco"} <= set(formats.names())
+  cfg = inputs.pretrain_input(max_len=8)
+  cfg.update(source="demo", format="test_text_only", tokenizer=dict(kind="sentencepiece", path=""))
+  builder.validate_config(cfg)
+  it = builder.make_train_iterator(cfg, global_batch_size=4, seed=0, process_index=0,
+                                   process_count=1)
+  batch = next(it)
+  it.close()
+  assert {k: v.shape for k, v in batch.items()} == {
+      "text_ids": (4, 8), "text_mask": (4, 8), "mlm_ids": (4, 8), "mlm_labels": (4, 8)}
+  with pytest.raises(ValueError, match="'test_text_only' has no eval data"):
+    builder.make_eval_data(cfg, split="test", batch_size=4, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"config.input.format = 'test_text_only' reads sources"):
+    builder.validate_config(ml_collections.ConfigDict({**cfg.to_dict(), "source": "json"}))
+  with pytest.raises(ValueError, match="config.input.format = 'nope'; known"):
+    formats.get("nope")
 
 
 def test_device_augment_moves_the_pixel_ops_to_the_accelerator(json_data):
@@ -156,21 +278,28 @@ def test_device_augment_moves_the_pixel_ops_to_the_accelerator(json_data):
   assert builder.device_pp_spec(cfg) == (
       "resize_canvas(16, canvas=48)|flip|randaug(2, 7)|normalize('clip')")
   assert builder.device_pp_spec(_json_config(json_data)) == ""
+  assert builder.device_pp_spec(_json_config(json_data, pp="", device_pp="flip")) == ""  # off
   builder.validate_config(cfg)
   with pytest.raises(ValueError, match=r"device_pp.*'blur'"):
     builder.validate_config(_json_config(json_data, device_pp="resize_canvas(16)|blur"))
   with pytest.raises(ValueError, match="device_augment"):
     builder.validate_config(_json_config(json_data, device_augment=True, format="vqa"))
+  # A config that writes its pp writes the device pair too.
+  with pytest.raises(ValueError, match="config.input.device_augment needs config.input.device_augment_pp"):
+    builder.validate_config(_json_config(json_data, device_augment=True))
+  builder.validate_config(_json_config(json_data, device_augment=True,
+                                       device_augment_pp="decode_crop_canvas(16)|choose_caption",
+                                       device_pp="resize_canvas(16)"))
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def test_demo_batches_with_the_albef_ops(tmp_path_factory):
-  cfg = inputs.demo_input(image_size=32, max_len=16, config="tiny")
-  cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
+def test_demo_batches_with_the_mamo_ops(demo_dir):
+  cfg = mamo.get_config("tiny").input
+  cfg.data_dir = demo_dir
   cfg.patch_mask_ratio = 0.25
-  cfg.patch_size = 8
+  assert cfg.patch_size == 8
   it = builder.make_train_iterator(cfg, global_batch_size=8, seed=0, process_index=0,
                                    process_count=1)
   batch = next(it)
@@ -192,8 +321,12 @@ def test_demo_batches_with_the_albef_ops(tmp_path_factory):
 def test_batch_level_text_ops_tokenize_like_per_example_ones(json_data):
   """The same captions, the same ids; only the MLM draws come from the batch seed."""
   batches = {}
+  caption_ops = f"{ALBEF_IMAGE_16}|choose_caption|clean_caption(30)"
+  text_ops = "tokenize({max_len})|mask_tokens({mlm_prob})"
   for per_batch in (False, True):
-    cfg = _json_config(json_data, pp="", text_ops_per_batch=per_batch, mlm_prob=0.3)
+    pp = (f"{caption_ops}|{MASK_PATCHES_4}" if per_batch else
+          f"{caption_ops}|{text_ops}|{MASK_PATCHES_4}")
+    cfg = _json_config(json_data, pp=pp, batch_pp=text_ops if per_batch else "", mlm_prob=0.3)
     it = builder.make_train_iterator(cfg, global_batch_size=4, seed=5, process_index=0,
                                      process_count=1)
     batches[per_batch] = _take(it, 6)
@@ -211,9 +344,9 @@ def test_batch_level_text_ops_tokenize_like_per_example_ones(json_data):
   assert 0.15 < selected.sum() / maskable.sum() < 0.45  # 0.3 of maskable tokens, loosely
 
 
-def test_device_augment_batches_carry_canvases(tmp_path_factory):
+def test_device_augment_batches_carry_canvases(demo_dir):
   cfg = inputs.demo_input(image_size=32, max_len=16, config="tiny")
-  cfg.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  cfg.data_dir = demo_dir
   cfg.pp = ""
   cfg.device_augment = True
   it = builder.make_train_iterator(cfg, global_batch_size=8, seed=0, process_index=0,
@@ -265,7 +398,7 @@ def test_a_source_with_no_usable_example_fails_at_start(tmp_path):
 
 
 def test_batches_are_deterministic_and_resume_exactly(json_data):
-  cfg = _json_config(json_data, batch_ops="test_reverse_rows")
+  cfg = _json_config(json_data, batch_pp="test_reverse_rows")
   kwargs = dict(global_batch_size=4, process_index=0, process_count=1)
   full = builder.make_train_iterator(cfg, seed=7, **kwargs)
   first = _take(full, 3)
@@ -304,11 +437,15 @@ def test_two_processes_read_disjoint_examples(json_data):
 # ----------------------------------------------------------------------------- eval
 
 
-def test_eval_data_is_padded_and_indexed(tmp_path_factory):
+def test_eval_data_is_padded_and_indexed(demo_dir):
   cfg = inputs.demo_input(image_size=32, max_len=16, config="tiny")
-  cfg.data_dir = str(tmp_path_factory.mktemp("tfds_eval"))
-  parts = [builder.make_eval_dataset(cfg, split="test", batch_size=24, process_index=i,
-                                     process_count=2) for i in range(2)]
+  cfg.data_dir = demo_dir
+  # The retrieval entry and the format's (caption) eval data are the same thing.
+  parts = [builder.make_eval_dataset(cfg, split="test", batch_size=24, process_index=0,
+                                     process_count=2),
+           builder.make_eval_data(cfg, split="test", batch_size=24, process_index=1,
+                                  process_count=2)]
+  assert all(isinstance(part, caption.EvalData) for part in parts)
   data = parts[0]
   assert data.num_images == 64 and data.num_texts == 320
   assert all(data.img2txt[data.txt2img[t]].count(t) == 1 for t in range(320))

@@ -111,7 +111,8 @@ def test_stage_with_its_own_input_reads_its_own_stream_and_resumes(tmp_path, mon
     return make(cfg, **kwargs)
 
   monkeypatch.setattr(builder, "make_train_iterator", recording)
-  other_pp = "decode|resize(32)|normalize('clip')|choose_caption|clean_caption(30)|tokenize(16)"
+  other_pp = ("decode|resize(32)|normalize('clip')|choose_caption|clean_caption(30)|tokenize(16)"
+              "|mask_tokens(0.15)")
 
   def config():
     c = albef.get_config("tiny")
