@@ -40,7 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config, args = common.finetune_config(
       arg, fmt="nlvr2", kind="nlvr", objectives=dict(cls=dict(weight=1.0, distill=True)),
       eval_kind="classification", resolution=384, max_len=40, lr=2e-5, epochs=10, batch=128,
-      num_train_examples=86_373)
+      num_train_examples=86_373, heads=("itc",))  # the TA stage pairs images by their ITC features
   size = config.input.image_size
   ta_objectives = dict(nlvr_ta=dict(weight=1.0))
   if not args.size:
