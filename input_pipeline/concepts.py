@@ -24,9 +24,10 @@ resolution, centre crop, CLIP mean / std); both are L2-normalised and each image
 --top_k words of highest cosine similarity, best first. The output is a copy of the annotation
 list where each entry gains `kwords` (NLVR2 entries, with two `images`: `kwords1` and `kwords2`,
 as ViCHA's files; an image name without extension gets '.jpg', as SNLI-VE's Flickr ids). Entries
-that already have them keep them (a resumed or partly released file) unless --overwrite. Images that cannot be read or decoded are skipped,
-counted and reported, never fatal: their entries get no `kwords` key (a later run can fill them;
-`sources.json_source` reads an absent `kwords` as an empty list).
+that already have them keep them (a resumed or partly released file) unless --overwrite.
+Images that cannot be read or decoded are skipped, counted and reported, never fatal: their
+entries get no `kwords` key (a later run can fill them; `sources.json_source` reads an absent
+`kwords` as an empty list).
 
 `demo`: the embedded demo set has no CLIP to run, so `demo_kwords` stands in for it: the scene's
 object words (colour and shape names) in object order, each replaced by a distractor with
@@ -272,14 +273,13 @@ class ConceptScorer:
   Build with `ConceptScorer.create`; `words` and their normalised text embeddings `text_feats`
   [V, E] (replicated) are fixed, `top_k(images)` returns (indices int32 [B, k], cosines [B, k]).
   """
-  model: object
   params: object
   words: list[str]
   text_feats: object
   mesh: object
   batch_size: int
   k: int
-  _image_fn: object = None
+  image_fn: object
 
   @classmethod
   def create(cls, config, params, tokenizer, words: Sequence[str], *, k: int = DEFAULT_TOP_K,
@@ -323,14 +323,14 @@ class ConceptScorer:
       cosines, indices = jax.lax.top_k(image_feats @ text_feats.T, k)  # [B, k], best first
       return indices, cosines
 
-    return cls(model, params, list(words), text_feats, mesh, batch_size, k, image_fn)
+    return cls(params, list(words), text_feats, mesh, batch_size, k, image_fn)
 
   def top_k(self, images: np.ndarray):
     """images float32 [batch_size, S, S, 3] -> device arrays (indices int32 [B, k], cosines [B, k])."""
     import jax  # pylint: disable=g-import-not-at-top
     from vlpjax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     images = jax.device_put(images, sharding_lib.batch_sharding(self.mesh, images.ndim))
-    return self._image_fn(self.params, images, self.text_feats)
+    return self.image_fn(self.params, images, self.text_feats)
 
 
 @dataclasses.dataclass

@@ -140,8 +140,8 @@ def openai_state_dict(model) -> dict:
       "text_projection": hf["text_projection.weight"].T,
       "logit_scale": hf["logit_scale"],
   }
-  for hf_name, name in (("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
-                        ("text_model.final_layer_norm", "ln_final")):
+  for hf_name, name in (("vision_model.pre_layrnorm", "visual.ln_pre"),
+                        ("vision_model.post_layernorm", "visual.ln_post"), ("text_model.final_layer_norm", "ln_final")):
     out[f"{name}.weight"], out[f"{name}.bias"] = hf[f"{hf_name}.weight"], hf[f"{hf_name}.bias"]
   for hf_tower, tower in (("vision_model", "visual."), ("text_model", "")):
     for i in range(2):
@@ -164,7 +164,8 @@ def test_openai_layout_matches_transformers(hf_legacy, tmp_path):
   path = str(tmp_path / "openai.pth")
   torch.save({"state_dict": {f"module.{k}": torch.tensor(v) for k, v in state_dict.items()}, "epoch": 3}, path)
   config, params = clip_convert.load_clip(path, vision_heads=3, text_heads=4)
-  assert (config.vision.image_size, config.vision.patch_size, config.vision.width, config.vision.depth) == (32, 8, 48, 2)
+  vision = config.vision
+  assert (vision.image_size, vision.patch_size, vision.width, vision.depth) == (32, 8, 48, 2)
   assert (config.text.vocab_size, config.text.context_length, config.text.mlp_dim) == (VOCAB, 16, 37)
   assert config.text.text_pool == "argmax" and config.vision.act == "quick_gelu" and config.embed_dim == 24
   ids, mask = padded_text(VOCAB - 1, VOCAB - 3, seed=3)

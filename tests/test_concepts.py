@@ -177,8 +177,9 @@ def write_image(path, size, seed, fmt):
   rng = np.random.default_rng(seed)
   corners = rng.random((2, 2, 3)) * 255
   ys, xs = np.linspace(0, 1, size[1])[:, None, None], np.linspace(0, 1, size[0])[None, :, None]
-  pixels = ((1 - ys) * ((1 - xs) * corners[0, 0] + xs * corners[0, 1]) + ys * ((1 - xs) * corners[1, 0] + xs * corners[1, 1])
-            + rng.normal(0, 8, (size[1], size[0], 3)))
+  top = (1 - xs) * corners[0, 0] + xs * corners[0, 1]
+  bottom = (1 - xs) * corners[1, 0] + xs * corners[1, 1]
+  pixels = (1 - ys) * top + ys * bottom + rng.normal(0, 8, (size[1], size[0], 3))
   pixels = np.clip(pixels, 0, 255).astype(np.uint8)
   Image.fromarray(pixels).save(path, format=fmt)
 
@@ -220,7 +221,8 @@ def reference_kwords(clip_dir, tokenizer, image_file, k):
   pixels = concepts.clip_resize_crop(image, config.vision.image_size).numpy()[None]
   image_feat = np.asarray(model.apply({"params": params}, jnp.asarray(pixels), method=model.encode_image))[0]
   ids, mask = tokenizer.tokenize(WORDS, 16)
-  text_feats = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), method=model.encode_text))
+  text_feats = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                                      method=model.encode_text))
   cosines = text_feats @ image_feat / np.linalg.norm(text_feats, axis=1) / np.linalg.norm(image_feat)
   order = np.argsort(-cosines, kind="stable")[:k]
   return [WORDS[i] for i in order], cosines

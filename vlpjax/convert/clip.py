@@ -9,7 +9,8 @@ Hugging Face `CLIPModel` (a directory: config.json + model.safetensors, sharded 
   ... .self_attn.{q,k,v,out}_proj                              -> block_N/attn/{query,key,value,out}
   ... .mlp.fc1 / fc2                                           -> block_N/fc1, fc2
   text_model.final_layer_norm                                  -> text/ln_final
-  vision_model.embeddings.class_embedding / patch_embedding / position_embedding -> vision/cls, patch_embed, pos_embedding
+  vision_model.embeddings.class_embedding / patch_embedding / position_embedding
+                                                               -> vision/cls, patch_embed, pos_embedding
   vision_model.pre_layrnorm / post_layernorm (sic)             -> vision/ln_pre, ln_post
   visual_projection.weight / text_projection.weight [E, W]     -> {vision,text}/proj/dense/kernel [W, E] (transposed)
   logit_scale                                                  -> logit_scale
@@ -62,18 +63,26 @@ IGNORED_OPENAI = ((r"input_resolution|context_length|vocab_size", "scalars of Op
 # ----------------------------------------------------------------------------- entries
 
 
-def _transposed(key: str, dst: str) -> mapping.Entry:
-  """A bias-free Linear weight [out, in] -> `dst` [in, out]."""
-  return mapping.Entry(key, lambda x: {dst: mapping._contiguous(mapping._checked(key, x, 2).T)})  # pylint: disable=protected-access
+# np.asarray(order="C"), not np.ascontiguousarray, which turns the 0-d logit_scale into [1].
+def _checked(key: str, x: np.ndarray, ndim: int) -> np.ndarray:
+  if x.ndim != ndim:
+    raise ValueError(f"checkpoint key {key!r}: expected a {ndim}-D array, got shape {x.shape}")
+  return x
 
 
 def _as_is(key: str, dst: str, ndim: int) -> mapping.Entry:
-  return mapping.Entry(key, lambda x: {dst: mapping._contiguous(mapping._checked(key, x, ndim))})  # pylint: disable=protected-access
+  return mapping.Entry(key, lambda x: {dst: np.asarray(_checked(key, x, ndim), np.float32, order="C")})
+
+
+def _transposed(key: str, dst: str) -> mapping.Entry:
+  """A bias-free Linear weight [out, in] -> `dst` [in, out]."""
+  return mapping.Entry(key, lambda x: {dst: np.asarray(_checked(key, x, 2).T, np.float32, order="C")})
 
 
 def _patch_conv(key: str, dst: str) -> mapping.Entry:
   """Conv2d weight [out, in, kh, kw] without bias -> HWIO `dst`."""
-  return mapping.Entry(key, lambda x: {dst: mapping._contiguous(mapping._checked(key, x, 4).transpose(2, 3, 1, 0))})  # pylint: disable=protected-access
+  return mapping.Entry(key, lambda x: {dst: np.asarray(_checked(key, x, 4).transpose(2, 3, 1, 0), np.float32,
+                                                      order="C")})
 
 
 def _hf_tower(src: str, dst: str, depth: int) -> list[mapping.Entry]:
