@@ -741,6 +741,8 @@ def run(argv, flag_values):
           [p for p, _ in caption] for entry in parse_annotations(entries, **pipe)
           for caption in entry))
     vocab = vocab_from_counts(counts, flag_values.min_sentences, flag_values.id_offset)
+    logging.info("%d distinct phrases, %d in >= %d sentences", len(counts), vocab.num_phrases,
+                 flag_values.min_sentences)
     save_vocab(vocab, flag_values.output)
     logging.info("wrote %s: %s", flag_values.output, describe_vocab(vocab))
   elif argv[1] == "annotate":
@@ -760,6 +762,8 @@ def run(argv, flag_values):
     counts = count_phrases([p for p, _ in caption] for entry in parsed["train"]
                            for caption in entry)
     vocab = vocab_from_counts(counts, flag_values.min_sentences, flag_values.id_offset)
+    logging.info("%d distinct phrases; in >= 5 / 50 sentences: %d / %d", len(counts),
+                 sum(c >= 5 for c in counts.values()), sum(c >= 50 for c in counts.values()))
     save_vocab(vocab, os.path.join(flag_values.output_dir, "id2phrase.json"))
     logging.info("demo vocabulary (train split, >= %d sentences): %s", flag_values.min_sentences,
                  describe_vocab(vocab))

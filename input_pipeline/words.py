@@ -1,5 +1,5 @@
-"""Words of a caption as the input pipeline sees them, and the spaCy model, for the offline
-concept tools (`phrases` for MVP, `grounded_words` for VLMixer).
+"""Words of a caption as the input pipeline sees them, the spaCy model and annotation files, for
+the offline concept tools (`phrases` for MVP, `grounded_words` for VLMixer).
 
 Word positions. Both tools write word positions into annotation files (the words of an MVP phrase,
 the span of a VLMixer grounded word). A position counts the words of the caption after ALBEF's
