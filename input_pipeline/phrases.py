@@ -92,7 +92,7 @@ _RELATIONAL = frozenset({"left", "right", "front", "top", "middle", "side", "bac
 _LINKERS = frozenset({"of", "to", "from"})
 # How a relational word hangs below the word its relation attaches to.
 _RELATIONAL_DEPS = frozenset({"pobj", "advmod", "amod", "npadvmod", "acomp", "prep", "acl",
-                              "advcl"})
+                              "advcl", "ROOT"})
 _PREDICATE_VERBS = frozenset({"be", "look", "seem", "appear", "become", "remain", "stay"})
 _LEMMA_FIXES = {"rid": "ride"}
 _MODIFIER_DEPS = frozenset({"compound", "amod"})
@@ -230,7 +230,12 @@ def phrase_occurrences(doc) -> list[tuple[Phrase, tuple[int, ...]]]:
           add((_lemma(agent), _lemma(verb), _lemma(patient)), (agent, verb, patient))
       predicates_with_objects.add(verb.i)
       continue
-    subjects, predicate = _anchor(outer.head)
+    if outer.lower_ in _RELATIONAL and outer.pos_ in ("VERB", "AUX"):
+      # "left" tagged as the verb leave ("a triangle is left of a disk"): its subjects are the
+      # relation's, and it names no verb.
+      subjects, predicate = _verb_subjects(outer), None
+    else:
+      subjects, predicate = _anchor(outer.head)
     name = _relation_name(chain)
     if predicate is not None:
       name = f"{_lemma(predicate)} {name}"

@@ -109,6 +109,8 @@ HAND_CASES = [
     ("a cat sits on the mat", [("cat", "sit on", "mat")], []),
     ("a green star to the right of a blue circle", [("star", "right of", "circle")],
      [("right",)]),
+    ("a green triangle is left of a red disk", [("triangle", "left of", "disk")],
+     [("triangle", "leave of", "disk"), ("left",)]),  # "left" tagged as the verb leave
     ("a little black diamond above a big purple triangle and a big red star",
      [("diamond", "above", "triangle"), ("diamond", "above", "star"), ("star", "red")], []),
     ("It is on the table.", [("table",)], [("it",)]),
