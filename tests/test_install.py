@@ -77,7 +77,7 @@ def test_wheel_holds_configs_and_declares_the_dependencies(tmp_path):
     names = set(archive.namelist())
     metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
   for path in ("configs/__init__.py", "configs/albef.py", "configs/common.py", "configs/mamo.py",
-               "input_pipeline/assets/demo_sp.model", "vlpjax/main.py"):
+               "input_pipeline/assets/demo_sp.model", "vlpjax/convert/no_config.py", "vlpjax/main.py"):
     assert path in names, path
   requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
   # One TensorFlow: tensorflow-text requires `tensorflow`, so it is the one declared.
