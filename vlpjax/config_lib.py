@@ -141,6 +141,8 @@ def define_config_flag(name: str = "config", default: str | None = None,
   """`ml_collections.config_flags.DEFINE_config_file` whose path goes through
   `resolve_config_path`; overrides (`--config.a.b=v`) work as before. A missing file fails the
   flag parsing with one line naming it."""
+  import sys
+
   from absl import flags
   from ml_collections import config_flags
 
@@ -161,7 +163,6 @@ def define_config_flag(name: str = "config", default: str | None = None,
 
   flags.FLAGS[name].parser = ResolvingParser()
   # List the flag under the calling program's flags in --help (absl files it under this module).
-  import sys
   caller = sys._getframe(1).f_globals.get("__name__")
   flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
   return holder
