@@ -476,7 +476,9 @@ def test_unknown_classifier_width_is_refused_naming_it():
 def test_partial_momentum_reports_the_missing_mirror_keys():
   sd = albef_state_dict()
   del sd["text_proj_m.bias"], sd["visual_encoder_m.blocks.1.attn.qkv.weight"]
-  _, _, report = convert_state_dict("albef", sd)
+  d = Dims()
+  _, _, report = convert_state_dict("albef", sd, model_overrides={"vision": {"num_heads": d.vision_heads},
+                                                                  "text": {"num_heads": d.text_heads}})
   assert report.missing == ["visual_encoder_m.blocks.1.attn.qkv.weight", "text_proj_m.bias"]
   assert report.failures() and not report.failures(allow_missing=True)
 
@@ -496,10 +498,12 @@ def test_unknown_key_fails_the_command_naming_it(tmp_path):
       cli.main([cli.__file__])
   assert not os.path.exists(tmp_path / "out")
 
-  # Allowed, through the real command line: everything else is written.
+  # Allowed, through the real command line: everything else is written (the head counts, which
+  # the file does not hold, given as overrides).
   result = subprocess.run(
       [sys.executable, "-m", "vlpjax.convert", "--source=albef", f"--input={path}",
-       f"--output={tmp_path / 'out'}", "--allow_unmapped"],
+       f"--output={tmp_path / 'out'}", "--allow_unmapped", f"--config.model.vision.num_heads={d.vision_heads}",
+       f"--config.model.text.num_heads={d.text_heads}"],
       cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
   assert result.returncode == 0, result.stderr
   assert "distance_embedding" in result.stdout
@@ -510,6 +514,8 @@ def test_unknown_key_fails_the_command_naming_it(tmp_path):
                                 sd["text_encoder.bert.encoder.layer.2.crossattention.self.key.weight"].T)
   written = json.loads((out / "conversion.json").read_text())
   assert written["source"] == "albef" and written["model_config"]["text"]["fusion_layers"] == 2
+  assert (written["model_config"]["vision"]["num_heads"], written["model_config"]["text"]["num_heads"]) == (
+      d.vision_heads, d.text_heads)
   assert written["queue_shapes"]["image"] == [d.queue, d.embed]
   np.testing.assert_array_equal(np.load(out / "queues.npz")["text"], sd["text_queue"].T)
 

@@ -98,8 +98,11 @@ def test_bare_bert_bin_file_and_old_layer_norm_names(hf_mlm, tmp_path):
   bare = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
           for k, v in bare.items()}
   torch.save(bare, tmp_path / "pytorch_model.bin")
-  report = convert_checkpoint("hf_bert", str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"))
-  assert not report.unmapped and not report.missing
+  with pytest.raises(ConversionError, match=r"model\.text\.num_heads: not stored"):  # no config.json here
+    convert_checkpoint("hf_bert", str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"))
+  report = convert_checkpoint("hf_bert", str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"),
+                              model_overrides={"text": {"num_heads": HEADS}})
+  assert not report.unmapped and not report.missing and report.model_config["text"]["num_heads"] == HEADS
   assert "embeddings.LayerNorm.gamma" in report.converted
   loaded = traverse_util.flatten_dict(checkpoint.load_params(tmp_path / "out"), sep="/")
   expected, _, _ = convert_state_dict("hf_bert", {k: v.numpy() for k, v in hf_mlm.state_dict().items()})

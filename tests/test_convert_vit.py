@@ -145,7 +145,7 @@ def test_timm_layout_converts_to_the_same_params(hf_vit, images):
 def test_timm_unknown_key_is_reported(hf_vit):
   state_dict = timm_state_dict_from_hf(hf_vit)
   state_dict["dist_token"] = np.zeros((1, 1, WIDTH), np.float32)  # a distilled DeiT
-  _, _, report = convert_state_dict("timm_vit", state_dict)
+  _, _, report = convert_state_dict("timm_vit", state_dict, model_overrides={"vision": {"num_heads": HEADS}})
   assert list(report.unmapped) == ["dist_token"]
   assert report.failures() and not report.failures(allow_unmapped=True)
 

@@ -79,76 +79,7 @@ def _vqa_batch(seed, batch=4, slots=3, answer_len=5, question_len=6, image_size=
   }
 
 
-# ----------------------------------------------------------------------------- normalisation and accuracy
-
-
-@pytest.mark.parametrize("raw,expected", [
-    ("Two", "2"), ("2", "2"), ("a dog.", "dog"), ("dont", "don't"), ("yes!", "yes"), ("1,000", "1000"),
-    ("the cat's", "cat's"), ("  Yes\n", "yes"), ("3.5", "3.5"), ("no.", "no"), ("left-hand", "left hand"),
-    ("red , white", "red white"), ("An Apple", "apple"), ("ten", "10"), ("none", "0"),
-    ("isnt it", "isn't it"),
-    # Official quirk: a digit-comma-digit anywhere deletes every other mark instead of spacing it.
-    ("1,000-2,000", "10002000"),
-])
-def test_normalize_answer_hand_cases(raw, expected):
-  assert vqa_eval.normalize_answer(raw) == expected
-
-
-@pytest.mark.parametrize("matches,expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
-def test_vqa_accuracy_leave_one_out_by_hand(matches, expected):
-  # 10 annotators, `matches` of them said "2": e.g. 3 matches -> (3 * min(1, 2/3) + 7 * 1) / 10 = 0.9.
-  answers = ["2"] * matches + ["3"] * (10 - matches)
-  np.testing.assert_allclose(vqa_eval.vqa_accuracy("two", answers), expected, atol=1e-12)
-
-
-def _official_accuracy(prediction, gt_answers):
-  """The official vqaEval.py loop, answers as dicts with ids (so leave-one-out drops one entry)."""
-  res = vqa_eval.normalize_answer(prediction)
-  gts = [{"answer_id": i, "answer": a} for i, a in enumerate(gt_answers)]
-  if len({g["answer"] for g in gts}) > 1:
-    for g in gts:
-      g["answer"] = vqa_eval.process_punctuation(g["answer"])
-  accs = []
-  for datum in gts:
-    others = [item for item in gts if item != datum]
-    accs.append(min(1, len([item for item in others if item["answer"] == res]) / 3))
-  return sum(accs) / len(accs)
-
-
-def test_vqa_accuracy_matches_official_loop_on_random_answers():
-  rng = np.random.default_rng(0)
-  vocab = ["yes", "no", "2", "red", "dog", "yes!", "no."]
-  for _ in range(200):
-    answers = list(rng.choice(vocab, size=10))
-    prediction = str(rng.choice(vocab + ["Two", "a dog"]))
-    np.testing.assert_allclose(vqa_eval.vqa_accuracy(prediction, answers),
-                               _official_accuracy(prediction, answers))
-
-
-def test_ground_truth_gets_punctuation_only_when_annotators_disagree():
-  # All agree: the ground truth is compared as written; "yes!" never equals the normalised "yes".
-  assert vqa_eval.vqa_accuracy("yes", ["yes!"] * 10) == 0.0
-  # Disagreement: "yes!" -> "yes " (the mark becomes a space, not stripped), still no match...
-  assert vqa_eval.vqa_accuracy("yes", ["yes!"] * 5 + ["no"] * 5) == 0.0
-  # ...while "no." -> "no" matches.
-  assert vqa_eval.vqa_accuracy("No", ["no."] * 5 + ["yes"] * 5) == 1.0
-  # A single answer (no annotator subsets): exact match of both normalised forms.
-  assert vqa_eval.vqa_accuracy("Two", ["two"]) == 1.0 and vqa_eval.vqa_accuracy("3", ["two"]) == 0.0
-  with pytest.raises(ValueError, match="no ground-truth"):
-    vqa_eval.vqa_accuracy("yes", [])
-
-
-def test_accuracy_metrics_per_type_and_unscored_questions():
-  predictions = ["yes", "2", "red", "blue"]
-  answers = [["yes"] * 10, ["2"] * 2 + ["3"] * 8, ["red"] * 10, []]
-  results = vqa_eval.accuracy_metrics(predictions, answers, ["yes/no", "number", "other", "other"])
-  np.testing.assert_allclose(results["accuracy"], 100 * (1 + 0.6 + 1) / 3)
-  np.testing.assert_allclose(results["accuracy_yes_no"], 100.0)
-  np.testing.assert_allclose(results["accuracy_number"], 60.0)
-  assert results["num_questions"] == 4 and results["num_scored"] == 3
-  unscored = vqa_eval.accuracy_metrics(["yes"], [[]])
-  assert "accuracy" not in unscored and "no ground truth" in vqa_eval.format_results(unscored)
-  assert "60.00" in vqa_eval.format_results(results)
+# Normalisation and accuracy: tests/test_vqa_accuracy.py.
 
 
 # ----------------------------------------------------------------------------- losses

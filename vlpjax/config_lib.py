@@ -136,14 +136,74 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
   return int(config.num_epochs) * steps_per_epoch(config)
 
 
+def resolve_config_path(path: str) -> str:
+  """A config file path as given, or, when it does not exist relative to the working directory,
+  the same `configs/...` path inside the installed `configs` package, so that
+  `--config=configs/albef.py` works from any directory.
+
+  Raises:
+    FileNotFoundError: neither exists (the message names both places).
+  """
+  import importlib.util
+  import os
+  if os.path.exists(path) or os.path.isabs(path):
+    return path
+  parts = os.path.normpath(path).split(os.sep)
+  spec = importlib.util.find_spec("configs")
+  package_dir = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else None
+  if package_dir and len(parts) > 1 and parts[0] == "configs":
+    candidate = os.path.join(package_dir, *parts[1:])
+    if os.path.exists(candidate):
+      return candidate
+  where = f" nor in the installed configs package ({package_dir})" if package_dir else ""
+  raise FileNotFoundError(f"config file {path!r} does not exist (relative to {os.getcwd()}{where})")
+
+
+def resolve_config_spec(spec: str) -> str:
+  """`"configs/mamo.py:demo"` with its path part through `resolve_config_path`."""
+  path, sep, arg = spec.partition(":")
+  return resolve_config_path(path) + sep + arg
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """`"configs/mamo.py:demo"` -> the config, as `--config=` would load it (for scripts and notebooks)."""
   import importlib.util
-  import os
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+  path, _, arg = resolve_config_spec(spec).partition(":")
   module_spec = importlib.util.spec_from_file_location(f"vlpjax_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def define_config_flag(name: str = "config", default: str | None = None,
+                       help_string: str = "Config file, `configs/x.py[:ARG]` (found in the installed "
+                       "configs package when not under the working directory); `--config.a.b=v` overrides.",
+                       **kwargs):
+  """`ml_collections.config_flags.DEFINE_config_file` whose path goes through
+  `resolve_config_path`; overrides (`--config.a.b=v`) work as before. A missing file fails the
+  flag parsing with one line naming it."""
+  import sys
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  holder = config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+  file_parser = flags.FLAGS[name].parser
+
+  class ResolvingParser(flags.ArgumentParser):
+
+    def parse(self, argument):
+      try:
+        argument = resolve_config_spec(argument)
+      except FileNotFoundError as e:
+        raise ValueError(str(e)) from None  # absl reports a ValueError as a flag error, in one line
+      return file_parser.parse(argument)
+
+    def flag_type(self):
+      return file_parser.flag_type()
+
+  flags.FLAGS[name].parser = ResolvingParser()
+  # List the flag under the calling program's flags in --help (absl files it under this module).
+  caller = sys._getframe(1).f_globals.get("__name__")
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
+  return holder

@@ -21,12 +21,12 @@ import os
 from typing import Any, Optional
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 if __name__ == "__main__":
   # Flags exist only when this module is the program, so importing it (tests, notebooks)
   # never clashes with another entry point's flags.
-  config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:ARG`.", lock_config=True)
+  from vlpjax import config_lib
+  config_lib.define_config_flag("config", lock_config=True)  # configs/ also found outside the repository
   flags.DEFINE_string("workdir", None, "Optional directory for the JSON results and TensorBoard scalars.")
   flags.DEFINE_string("output", None, "Optional JSON results path (default <workdir>/<kind>_<split>.json).")
   flags.mark_flags_as_required(["config"])

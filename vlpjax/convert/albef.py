@@ -36,6 +36,8 @@ ViCHA adds (leaves outside today's VLPModel are kept under these names for the V
   decoder_blocks.N (timm blocks), decoder_norm  -> mae_decoder/block_N/*, mae_decoder/norm/norm
   mask_token, mae_proj                          -> mae_decoder/mask_token, mae_decoder/pred/dense
 """
+import json
+import os
 import re
 from typing import Mapping
 
@@ -59,6 +61,30 @@ def canonical_key(key: str) -> str:
   key = re.sub(r"^(kw_encoder(?:_m)?)\.bert\.", r"\1.", key)
   # ViCHA with num_hidden_layers_kw = 0 uses a bare BertEmbeddings as kw_encoder.
   return re.sub(rf"^(kw_encoder(?:_m)?)\.{_TEXT_EMBEDDING_NAMES}\b", r"\1.embeddings.\2", key)
+
+
+def stored_config_hints(stored: Mapping | None, input_path: str) -> tuple[dict | None, list[str]]:
+  """The BERT config named by the training config an ALBEF / ViCHA file stores (`{'config': ...}`).
+
+  ALBEF's YAML config holds `bert_config: 'configs/config_bert.json'` (heads, LayerNorm eps,
+  fusion_layer), read here relative to the working directory, then to the checkpoint's folder (an
+  inline dict is used as is); the ViT's head count is fixed in ALBEF's code and stored nowhere.
+
+  Returns:
+    (hints for `bert.text_config_from`, or None; notes for the report).
+  """
+  if not stored:
+    return None, []
+  source = stored.get("bert_config")
+  if isinstance(source, Mapping):
+    return dict(source), ["text heads / LayerNorm eps from the checkpoint's stored config (bert_config)"]
+  if not isinstance(source, str):
+    return None, []
+  for candidate in (source, os.path.join(os.path.dirname(os.path.abspath(input_path)), source)):
+    if os.path.isfile(candidate):
+      with open(candidate) as f:
+        return json.load(f), [f"text heads / LayerNorm eps from {candidate} (the stored config's bert_config)"]
+  return None, [f"the stored config's bert_config {source!r} was not found: text heads unknown"]
 
 
 def _has(keys, prefix: str) -> bool:
@@ -167,13 +193,14 @@ def _vicha_online_entries(keys, grid: int) -> list[mapping.Entry]:
 
 
 def plan_albef(state_dict: Mapping[str, np.ndarray], target=None, *, image_res: int | None = None,
-               vicha: bool = False, **unused) -> mapping.Plan:
+               vicha: bool = False, hints: Mapping | None = None, **unused) -> mapping.Plan:
   """Plans an ALBEF (or, with `vicha`, ViCHA) pretraining or downstream state dict.
 
   Which optional modules are expected follows the keys present: the MLM head, ITM head,
   projections, queues, ViCHA's parts, and the momentum mirrors (all of them once any `_m` key
   exists). Within a module every key is expected. The layer split and widths come from the
-  file; the importer checks them against `target`.
+  file; the importer checks them against `target`. `hints`: a BERT config (`stored_config_hints`)
+  for the text heads and LayerNorm eps.
   """
   del target, unused
   sd, origin = mapping.canonicalize(state_dict, canonical_key)
@@ -220,7 +247,7 @@ def plan_albef(state_dict: Mapping[str, np.ndarray], target=None, *, image_res: 
   model_config = dict(
       vision=vision_cfg,
       text=bert.text_config_from(sd, text, fusion_start,
-                                 (bert_layers - fusion_start) // (2 if nlvr else 1)),
+                                 (bert_layers - fusion_start) // (2 if nlvr else 1), hints),
       fusion="cross", embed_dim=int(embed_dim), heads=heads)
   if nlvr:
     model_config.update(kind="nlvr")

@@ -85,7 +85,8 @@ def first_cross_attention_layer(keys: Sequence[str], prefix: str) -> int | None:
 
 def text_config_from(state_dict: Mapping[str, np.ndarray], prefix: str, text_layers: int,
                      fusion_layers: int, hints: Mapping | None = None) -> dict:
-  """TextConfig fields read from the shapes under `prefix` (and an HF config.json for heads / eps).
+  """TextConfig fields read from the shapes under `prefix` (and an HF config.json for heads / eps;
+  `num_heads` is None without one).
 
   Raises:
     ValueError: a key the shapes are read from is absent (names it).
@@ -102,9 +103,12 @@ def text_config_from(state_dict: Mapping[str, np.ndarray], prefix: str, text_lay
   intermediate = f"{prefix}encoder.layer.0.intermediate.dense.weight"
   mlp_dim = (shape(intermediate)[0] if intermediate in state_dict
              else hints.get("intermediate_size", 4 * width))
+  # Not in the weights' shapes: None unless a config says it (the importer then refuses to write
+  # without one, rather than guess).
+  heads = hints.get("num_attention_heads")
   return dict(
       vocab_size=int(vocab_size), width=int(width),
-      num_heads=int(hints.get("num_attention_heads", max(1, width // 64))),
+      num_heads=None if heads is None else int(heads),
       mlp_dim=int(mlp_dim), text_layers=int(text_layers), fusion_layers=int(fusion_layers),
       max_positions=int(shape(f"{prefix}embeddings.position_embeddings.weight")[0]),
       type_vocab_size=int(shape(f"{prefix}embeddings.token_type_embeddings.weight")[0]),

@@ -58,8 +58,11 @@ class ConversionReport:
     extra_subtrees: top-level params subtrees the target model does not have (ViCHA's parts), kept.
     ema: 'checkpoint', 'synthesised' (EMA = online) or 'none'.
     notes: resampling and other non-renaming steps.
-    model_config: the ModelConfig fields read from the shapes (merged into the target's when given).
+    model_config: the target's ModelConfig fields, or those read from the shapes (and a stored
+      or HF config, and `model_overrides`); fields nothing determines are None.
     queues: the converted ITC queues (arrays; not part of `to_json`), or None.
+    undetermined: `model.<tower>.num_heads` fields that neither the target, the overrides nor a
+      config in or beside the checkpoint give (head counts are not in the weights' shapes).
   """
   source: str
   converted: dict[str, list[str]]
@@ -74,6 +77,7 @@ class ConversionReport:
   notes: list[str]
   model_config: dict
   queues: dict | None = dataclasses.field(default=None, repr=False)
+  undetermined: list[str] = dataclasses.field(default_factory=list)
 
   def failures(self, allow_unmapped: bool = False, allow_missing: bool = False) -> list[str]:
     """Why the conversion should not be used as is (empty when it is clean or allowed)."""
@@ -84,6 +88,10 @@ class ConversionReport:
     if not allow_missing and self.missing:
       problems.append(f"{len(self.missing)} missing key(s) (pass --allow_missing to keep those "
                       "params at their initialisation)")
+    if self.undetermined:
+      problems.append(f"{', '.join(self.undetermined)}: not stored in the checkpoint (head counts "
+                      "are not in the weights' shapes); pass --config=FILE[:ARG] with the model's "
+                      "config, or " + " ".join(f"--config.{name}=N" for name in self.undetermined))
     return problems
 
   def table(self) -> str:
@@ -93,6 +101,7 @@ class ConversionReport:
              f"{len(self.not_in_model)} not in model, {len(self.not_converted)} model leaves not converted; "
              f"EMA: {self.ema}"]
     lines += [f"note          {note}" for note in self.notes]
+    lines += [f"undetermined  config.{name}" for name in self.undetermined]
     lines += [f"unmapped      {key}  ({reason})" for key, reason in sorted(self.unmapped.items())]
     lines += [f"not-in-model  {path}" for path in self.not_in_model]
     lines += [f"missing       {key}" for key in self.missing]
@@ -123,6 +132,23 @@ def complete_model_config(partial: Mapping[str, Any]) -> vlp.ModelConfig:
   fields.setdefault("vision", _PLACEHOLDER_VISION)
   fields.setdefault("text", _PLACEHOLDER_TEXT)
   return vlp.build_config(fields)
+
+
+def merge_fields(fields: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
+  """`fields` with `overrides` merged in, nested dicts key by key (`{'text': {'num_heads': 4}}`)."""
+  out = {key: dict(value) if isinstance(value, Mapping) else value for key, value in fields.items()}
+  for key, value in (overrides or {}).items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = merge_fields(out[key], value)
+    else:
+      out[key] = dict(value) if isinstance(value, Mapping) else value
+  return out
+
+
+def undetermined_fields(fields: Mapping[str, Any]) -> list[str]:
+  """`model.<tower>.num_heads` names whose value is None (not read, not given)."""
+  return [f"model.{tower}.num_heads" for tower in ("vision", "text")
+          if isinstance(fields.get(tower), Mapping) and fields[tower].get("num_heads") is None]
 
 
 def model_param_shapes(cfg: vlp.ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -157,7 +183,7 @@ def check_against_model(params: Mapping[str, np.ndarray], cfg: vlp.ModelConfig,
       not_in_model.append(path)
     elif tuple(np.shape(value)) != shapes[path]:
       raise ValueError(f"converted leaf {path!r} has shape {tuple(np.shape(value))} but the model "
-                       f"expects {shapes[path]}; check --model_config (or --image_res)")
+                       f"expects {shapes[path]}; check --config (or --image_res)")
   not_converted = [path for path in sorted(shapes) if path.split("/")[0] in scope and path not in params]
   return not_in_model, not_converted, sorted(extra)
 
@@ -172,7 +198,8 @@ def _split_roots(leaves: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.nda
 
 def convert_state_dict(source: str, state_dict: Mapping[str, Any], model_config=None, *,
                        image_res: int | None = None, fusion_from_bert: bool | None = None,
-                       hints: Mapping | None = None) -> tuple[dict, dict | None, ConversionReport]:
+                       hints: Mapping | None = None, model_overrides: Mapping | None = None
+                       ) -> tuple[dict, dict | None, ConversionReport]:
   """Converts a PyTorch / Hugging Face state dict into vlpjax params.
 
   Args:
@@ -185,19 +212,28 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Any], model_config=
       the checkpoint's).
     fusion_from_bert: hf_bert only; fill fusion self-attention / FFN from the BERT layers after
       the text layers (default: when the target has fusion layers).
-    hints: an HF `config.json` dict (attention heads, LayerNorm eps), when one is available.
+    hints: an HF `config.json` dict (attention heads, LayerNorm eps), or for ALBEF / ViCHA the
+      BERT config their stored training config names, when one is available.
+    model_overrides: without `model_config`, `config.model` fields (nested dict) that replace or
+      complete those read from the checkpoint, e.g. `{'text': {'num_heads': 4}}`.
 
   Returns:
     (params, ema_params, report): nested dicts of float32 arrays (ema_params is None for sources
     without momentum weights; for ALBEF / ViCHA files without `_m` keys it repeats params); the
     ITC queues are in `report.queues`.
 
+  Fields nothing determines (head counts without a config) are None in `report.model_config`
+  and listed in `report.undetermined`, which makes `report.failures()` non-empty.
+
   Raises:
     ValueError: an unknown source, an `image_res` that disagrees with the target, two keys for
-      one parameter, or a shape the target model does not accept.
+      one parameter, a shape the target model does not accept, or an unknown override key.
   """
   if source not in PLANNERS:
     raise ValueError(f"unknown --source {source!r}; known: {list(SOURCES)}")
+  if model_overrides and model_config is not None:
+    raise ValueError("model_overrides complete the fields read from the checkpoint; with a "
+                     "model_config, set the fields in it instead")
   target = as_model_config(model_config)
   has_vision = source != "hf_bert"
   if image_res and target is not None and has_vision and image_res != target.vision.image_size:
@@ -225,10 +261,14 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Any], model_config=
   if queues is not None and "idx" not in queues and "image" in queues:
     queues["idx"] = np.full((queues["image"].shape[0],), -1, np.int32)
 
-  if target is None and "num_attention_heads" not in (hints or {}):
-    plan.notes.append("attention heads are not stored in the weights: model_config assumes "
-                      "width / 64 heads; the model you load this into sets the real number")
-  check_config = target if target is not None else complete_model_config(plan.model_config)
+  if target is None:
+    fields = merge_fields(plan.model_config, model_overrides)
+    undetermined = undetermined_fields(fields)
+    # Head counts do not change any parameter shape: 1 stands in for the shape check only.
+    check_config = complete_model_config(merge_fields(
+        fields, {name.split(".")[1]: {"num_heads": 1} for name in undetermined}))
+  else:
+    fields, undetermined, check_config = dataclasses.asdict(target), [], target
   not_in_model, not_converted, extra = check_against_model(params, check_config, plan.scope)
   original = plan.origin
   report = ConversionReport(
@@ -238,9 +278,8 @@ def convert_state_dict(source: str, state_dict: Mapping[str, Any], model_config=
       ignored={original[key]: reason for key, reason in result.ignored.items()},
       unmapped={original[key]: reason for key, reason in result.unmapped.items()},
       missing=list(result.missing), not_in_model=not_in_model, not_converted=not_converted,
-      extra_subtrees=extra, ema=plan.momentum, notes=list(plan.notes),
-      model_config=(dataclasses.asdict(target) if target is not None else plan.model_config),
-      queues=queues)
+      extra_subtrees=extra, ema=plan.momentum, notes=list(plan.notes), model_config=fields,
+      queues=queues, undetermined=undetermined)
   ema_tree = traverse_util.unflatten_dict(ema, sep="/") if ema is not None else None
   return traverse_util.unflatten_dict(params, sep="/"), ema_tree, report
 
@@ -259,18 +298,33 @@ def write_outputs(directory: str, params: dict, ema_params: dict | None, report:
 
 
 def convert_checkpoint(source: str, input_path: str, output_dir: str, *, model_config=None,
+                       model_overrides: Mapping | None = None,
                        image_res: int | None = None, fusion_from_bert: bool | None = None,
                        allow_unmapped: bool = False, allow_missing: bool = False,
                        trust_pickle: bool = False) -> ConversionReport:
   """Reads `input_path`, converts it, and writes `output_dir` (see module doc).
 
+  Head counts come from `model_config`, `model_overrides`, an HF `config.json` beside the file
+  (hf_bert, hf_vit) or the BERT config an ALBEF / ViCHA file's stored training config names
+  (text only); never from a guess.
+
   Raises:
-    ConversionError: unmapped or missing keys that were not allowed; nothing is written.
+    ConversionError: unmapped or missing keys that were not allowed, or a head count nothing
+      determines (naming the `--config.model...` flag to set); nothing is written.
   """
-  state_dict = torch_io.read_state_dict(input_path, trust_pickle=trust_pickle)
-  hints = torch_io.read_json_beside(input_path) if source in ("hf_bert", "hf_vit") else None
+  state_dict, stored_config = torch_io.read_checkpoint(input_path, trust_pickle=trust_pickle)
+  notes = []
+  if source in ("hf_bert", "hf_vit"):
+    hints = torch_io.read_json_beside(input_path)
+  elif source in ("albef", "vicha"):
+    hints, notes = albef.stored_config_hints(stored_config, input_path)
+  else:
+    hints = None
   params, ema_params, report = convert_state_dict(
-      source, state_dict, model_config, image_res=image_res, fusion_from_bert=fusion_from_bert, hints=hints)
+      source, state_dict, model_config, image_res=image_res, fusion_from_bert=fusion_from_bert, hints=hints,
+      model_overrides=model_overrides)
+  if model_config is None:
+    report.notes += notes
   problems = report.failures(allow_unmapped, allow_missing)
   if problems:
     raise ConversionError(f"{input_path}: " + "; ".join(problems) + "\n" + report.table())

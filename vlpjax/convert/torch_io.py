@@ -66,25 +66,18 @@ def as_numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {key: as_numpy(value, key) for key, value in state_dict.items()}
 
 
-def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
-  """Reads a checkpoint file into `{key: np.ndarray}` (floating tensors as float32).
+def read_checkpoint(path: str, trust_pickle: bool = False) -> tuple[dict[str, np.ndarray], dict | None]:
+  """`read_state_dict`, plus the training config stored beside the weights, if any.
 
-  Args:
-    path: a `.safetensors` file, or a torch pickle (`.bin`, `.pth`, `.pt`, `.ckpt`) holding a bare
-      state dict or `{'model': state_dict, ...}`; a directory is searched for `model.safetensors`
-      then `pytorch_model.bin` (the Hugging Face layout).
-    trust_pickle: load torch pickles with `weights_only=False`. Only for files you trust:
-      unpickling can run arbitrary code.
-
-  Raises:
-    FileNotFoundError; ImportError (torch missing, with the install command); ValueError (not a
-    state dict, or an entry that is not a tensor).
+  ALBEF / ViCHA save `{'model': state_dict, 'optimizer': ..., 'lr_scheduler': ..., 'config':
+  <their YAML config as a dict>, 'epoch': ...}`; the second value is that `config` (None when
+  the file has none, and for .safetensors).
   """
   path = os.fspath(path)
   if os.path.isdir(path):
     for name in ("model.safetensors", "pytorch_model.bin"):
       if os.path.exists(os.path.join(path, name)):
-        return read_state_dict(os.path.join(path, name), trust_pickle)
+        return read_checkpoint(os.path.join(path, name), trust_pickle)
     raise FileNotFoundError(f"{path}: directory has no model.safetensors or pytorch_model.bin")
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -100,11 +93,30 @@ def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
                        "trust the file, pass --trust_pickle") from None
   else:
     raise ValueError(f"{path}: unknown checkpoint format; expected .safetensors or one of {TORCH_SUFFIXES}")
+  stored = obj.get("config") if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) else None
   state_dict = unwrap_state_dict(obj, path)
   try:
-    return as_numpy_state_dict(state_dict)
+    arrays = as_numpy_state_dict(state_dict)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from None
+  return arrays, (dict(stored) if isinstance(stored, Mapping) else None)
+
+
+def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """Reads a checkpoint file into `{key: np.ndarray}` (floating tensors as float32).
+
+  Args:
+    path: a `.safetensors` file, or a torch pickle (`.bin`, `.pth`, `.pt`, `.ckpt`) holding a bare
+      state dict or `{'model': state_dict, ...}`; a directory is searched for `model.safetensors`
+      then `pytorch_model.bin` (the Hugging Face layout).
+    trust_pickle: load torch pickles with `weights_only=False`. Only for files you trust:
+      unpickling can run arbitrary code.
+
+  Raises:
+    FileNotFoundError; ImportError (torch missing, with the install command); ValueError (not a
+    state dict, or an entry that is not a tensor).
+  """
+  return read_checkpoint(path, trust_pickle)[0]
 
 
 def read_json_beside(path: str, name: str = "config.json") -> dict | None:

@@ -110,7 +110,8 @@ def hf_depth(keys: Sequence[str]) -> int:
 def vision_config_from(state_dict: Mapping[str, np.ndarray], *, pos_key: str, patch_key: str,
                        fc1_key: str, depth: int, image_res: int | None = None,
                        hints: Mapping | None = None, layer_norm_eps: float = 1e-6) -> dict:
-  """VisionConfig fields read from the shapes (and an HF config.json for heads / eps).
+  """VisionConfig fields read from the shapes (and an HF config.json for heads / eps; `num_heads`
+  is None without one).
 
   `image_res` (when given) replaces the resolution the position table was trained at.
 
@@ -127,9 +128,12 @@ def vision_config_from(state_dict: Mapping[str, np.ndarray], *, pos_key: str, pa
     raise ValueError(f"{patch_key}: non-square patches {state_dict[patch_key].shape} are not supported")
   grid = resample.grid_size(state_dict[pos_key], pos_key)
   mlp_dim = state_dict[fc1_key].shape[0] if fc1_key in state_dict else 4 * width
+  # Not in the weights' shapes: None unless a config says it (the importer then refuses to write
+  # without one, rather than guess).
+  heads = hints.get("num_attention_heads")
   return dict(
       image_size=int(image_res or grid * patch_size), patch_size=int(patch_size), width=int(width),
-      depth=int(depth), num_heads=int(hints.get("num_attention_heads", max(1, width // 64))),
+      depth=int(depth), num_heads=None if heads is None else int(heads),
       mlp_ratio=float(mlp_dim / width),
       layer_norm_eps=float(hints.get("layer_norm_eps", layer_norm_eps)))
 

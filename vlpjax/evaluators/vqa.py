@@ -12,11 +12,18 @@ Prediction (METHODS.md §1.4):
 Everything runs in fixed-shape jitted batches; only the chosen candidate index per question
 comes back to the host, once, at the end.
 
-Accuracy (the official VQA evaluation code, GT-Vision-Lab/VQA `vqaEval.py`): the prediction is
-normalised (`normalize_answer`: punctuation, lower case, number words, articles, contractions);
-when the ground-truth answers of a question disagree they get the punctuation step only; the
-question's accuracy is the mean over the 10 leave-one-annotator-out subsets of
-min(1, #matches / 3), reported in percent.
+Accuracy (`vqa_accuracy`, `config.eval.vqa_metric`), per question, with 10 ground-truth answers:
+  acc = (1 / 10) sum_i min(1, #{j != i : gt_j == prediction} / 3)
+(the mean over the 10 leave-one-annotator-out subsets), reported in percent. What is compared:
+  'official' (default): the current GT-Vision-Lab/VQA `vqaEval.py` (2021, "fixed processing
+    answers bug"). Every answer is stripped of surrounding
+    whitespace (newlines and tabs count). When the stripped ground-truth answers are unanimous,
+    nothing else is done, to the prediction either ("Yes", "yes." and "two" score 0 against ten
+    "yes" / "2"); otherwise the ground-truth answers and the prediction all get the full
+    `normalize_answer` (punctuation, lower case, number words, articles, contractions).
+  'albef2016': the 2016 copy that ALBEF and LAVIS ship (their papers' numbers): the prediction
+    always gets the full normalisation; the ground-truth answers, as written (not stripped),
+    get the punctuation step only, and only when they are not all equal.
 """
 import json
 import os
@@ -107,53 +114,76 @@ def normalize_answer(answer: str) -> str:
   return process_digit_article(process_punctuation(answer))
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-  """Official VQA accuracy of one question, in [0, 1].
+VQA_METRICS = ("official", "albef2016")
 
-  The prediction is `normalize_answer`-ed; the ground-truth answers get `process_punctuation`
-  when they are not all equal (as in the official code). With n answers:
-    acc = (1 / n) sum_i min(1, #{j != i : gt_j == prediction} / 3)
-  i.e. for VQA's 10 answers, 0/1/2/3/>=4 matches give 0 / 0.3 / 0.6 / 0.9 / 1.
-  A question with a single ground-truth answer has no annotator subsets; it is scored by exact
-  match of the normalised prediction and answer.
 
-  Raises:
-    ValueError: no ground-truth answer (a test question).
-  """
-  if not gt_answers:
-    raise ValueError("vqa_accuracy: the question has no ground-truth answers")
-  prediction = normalize_answer(prediction)
-  if len(gt_answers) == 1:
-    return float(prediction == normalize_answer(gt_answers[0]))
-  gt = [answer.replace("\n", " ").replace("\t", " ").strip() for answer in gt_answers]
-  if len(set(gt)) > 1:
-    gt = [process_punctuation(answer) for answer in gt]
+def _strip(answer: str) -> str:
+  return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _leave_one_out(prediction: str, gt: Sequence[str]) -> float:
+  """(1 / n) sum_i min(1, #{j != i : gt_j == prediction} / 3)."""
   matches = sum(answer == prediction for answer in gt)
   # Leaving out annotator i removes one match exactly when gt_i itself matches.
-  per_subset = [min(1.0, (matches - (answer == prediction)) / 3.0) for answer in gt]
-  return sum(per_subset) / len(per_subset)
+  return sum(min(1.0, (matches - (answer == prediction)) / 3.0) for answer in gt) / len(gt)
+
+
+def check_metric(metric: str) -> str:
+  if metric not in VQA_METRICS:
+    raise ValueError(f"config.eval.vqa_metric={metric!r}: must be one of {list(VQA_METRICS)}")
+  return metric
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str], metric: str = "official") -> float:
+  """VQA accuracy of one question, in [0, 1], by `metric` (see the module doc for what each compares).
+
+  For VQA's 10 answers, 0/1/2/3/>=4 matches give 0 / 0.3 / 0.6 / 0.9 / 1. A question with a
+  single ground-truth answer (Visual Genome style) has no annotator subsets (both official codes
+  score it 0 whatever the prediction); here it is scored, in either metric, by exact match of the
+  fully normalised prediction and answer.
+
+  Raises:
+    ValueError: no ground-truth answer (a test question), or an unknown metric.
+  """
+  check_metric(metric)
+  if not gt_answers:
+    raise ValueError("vqa_accuracy: the question has no ground-truth answers")
+  if len(gt_answers) == 1:
+    return float(normalize_answer(prediction) == normalize_answer(gt_answers[0]))
+  if metric == "official":
+    prediction, gt = _strip(prediction), [_strip(answer) for answer in gt_answers]
+    if len(set(gt)) > 1:
+      prediction, gt = normalize_answer(prediction), [normalize_answer(answer) for answer in gt]
+  else:
+    prediction, gt = normalize_answer(prediction), list(gt_answers)
+    if len(set(gt)) > 1:
+      gt = [process_punctuation(answer) for answer in gt]
+  return _leave_one_out(prediction, gt)
 
 
 def accuracy_metrics(predictions: Sequence[str], gt_answers: Sequence[Sequence[str]],
-                     answer_types: Optional[Sequence[str]] = None) -> dict[str, float]:
+                     answer_types: Optional[Sequence[str]] = None,
+                     metric: str = "official") -> dict[str, float]:
   """VQA accuracy in percent over the questions that have ground-truth answers.
 
   Args:
     predictions: the predicted answer of every question.
     gt_answers: the ground-truth answers of every question (empty for test questions).
     answer_types: optional type of every question ("yes/no", "number", "other").
+    metric: 'official' or 'albef2016' (`vqa_accuracy`).
 
   Returns:
     num_questions, num_scored (questions with answers) and, when num_scored > 0, `accuracy` and
     `accuracy_<type>` per answer type (non-alphanumerics of the type replaced by "_").
   """
+  check_metric(metric)
   if len(predictions) != len(gt_answers):
     raise ValueError(f"VQA accuracy: {len(predictions)} predictions for {len(gt_answers)} questions")
   scored = [i for i, answers in enumerate(gt_answers) if answers]
   results = {"num_questions": float(len(predictions)), "num_scored": float(len(scored))}
   if not scored:
     return results
-  accuracies = {i: vqa_accuracy(predictions[i], gt_answers[i]) for i in scored}
+  accuracies = {i: vqa_accuracy(predictions[i], gt_answers[i], metric) for i in scored}
   results["accuracy"] = 100.0 * float(np.mean(list(accuracies.values())))
   if answer_types is not None:
     by_type: dict[str, list[float]] = {}
@@ -303,7 +333,7 @@ def write_predictions(path: str, question_ids: Sequence[int], answers: Sequence[
 
 # ----------------------------------------------------------------------------- evaluator contract
 
-EVAL_KEYS = ("k_test", "predictions", "rank_fix")
+EVAL_KEYS = ("k_test", "predictions", "rank_fix", "vqa_metric")
 
 
 def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, float]:
@@ -311,9 +341,11 @@ def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, floa
 
   `config.eval`: k_test (candidates rescored per question, ALBEF 128; 0 = all; generate mode),
   predictions (a path: write the EvalAI result JSON there; "" = don't), rank_fix (bool, default
-  False = ALBEF's scoring). Splits without ground-truth answers (test) give only the question
+  False = ALBEF's scoring), vqa_metric ('official', default, or 'albef2016'; see
+  `vqa_accuracy`). Splits without ground-truth answers (test) give only the question
   counts; their predictions file is what the EvalAI server scores.
   """
+  metric = check_metric(config.eval.get("vqa_metric", "official"))  # before any compute
   from input_pipeline import tasks
   data = tasks.make_eval_data(config.input, split=config.eval.split, batch_size=int(config.eval.batch_size))
   num_questions = len(data.question_ids)
@@ -331,7 +363,7 @@ def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, floa
   path = config.eval.get("predictions", "")
   if path and jax.process_index() == 0:
     write_predictions(path, data.question_ids, answers)
-  return accuracy_metrics(answers, data.answers, getattr(data, "answer_types", None))
+  return accuracy_metrics(answers, data.answers, getattr(data, "answer_types", None), metric)
 
 
 def format_results(results: dict[str, float]) -> str:
