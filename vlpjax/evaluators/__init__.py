@@ -154,7 +154,7 @@ def build_all(config, model, mesh=None) -> list[Scheduled]:
       keep their training sharding; eval batches are split over its batch axes).
 
   Returns:
-    [Scheduled]: the primary `config.eval` first, then `config.evals` in their order.
+    [Scheduled]: the primary `config.eval` first, then `config.evals` in name order.
   """
   validate(config)
   if "input" in config and config.input.get("synthetic", False):
@@ -162,9 +162,8 @@ def build_all(config, model, mesh=None) -> list[Scheduled]:
   blocks = []
   if "eval" in config and config.eval is not None:
     blocks.append((PRIMARY, PRIMARY, config.eval, lambda: config))
-  for name in named_blocks(config):
-    blocks.append((name, f"{PRIMARY}_{name}", named_blocks(config)[name],
-                   lambda name=name: config_for(config, name)))
+  for name, block in named_blocks(config).items():
+    blocks.append((name, f"{PRIMARY}_{name}", block, lambda name=name: config_for(config, name)))
   scheduled = []
   for name, prefix, block, make_config in blocks:
     every_steps = int(block.get("every_steps", 0) or 0)

@@ -97,9 +97,9 @@ def make_predict_fn(model, mesh: Optional[Mesh] = None):
                          method=model.cls_logits)
 
   def predict(params, batch):
-    return common.replicate_output(jnp.argmax(logits(params, batch), axis=-1).astype(jnp.int32), mesh)
+    return jnp.argmax(logits(params, batch), axis=-1).astype(jnp.int32)
 
-  return jax.jit(predict), keys
+  return jax.jit(common.with_replicated_outputs(predict, mesh)), keys
 
 
 def _predict_all(predict, keys: Sequence[str], params, batches: Iterable[dict], mesh: Optional[Mesh]

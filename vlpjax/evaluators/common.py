@@ -13,6 +13,7 @@ Placement rules (so that evaluating inside a training run costs no resharding):
            process can read them.
 Without a mesh everything stays on the default device and batches go as host arrays.
 """
+import functools
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -49,6 +50,18 @@ def replicate_output(tree, mesh: Optional[Mesh]):
   if mesh is None:
     return tree
   return jax.lax.with_sharding_constraint(tree, sharding_lib.replicated(mesh))
+
+
+def with_replicated_outputs(fn: Callable, mesh: Optional[Mesh]) -> Callable:
+  """`fn` whose results are constrained replicated (for jitting; keeps `fn`'s name in compile logs)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    return replicate_output(fn(*args, **kwargs), mesh)
+
+  return wrapped
 
 
 def place_params(params, mesh: Optional[Mesh]):
@@ -111,12 +124,13 @@ def device_batches(batches: Iterable[dict], keys: Optional[Sequence[str]], mesh:
 
 
 def padded_chunks(arrays: Sequence[np.ndarray], chunk: int) -> tuple[int, Iterator[list[np.ndarray]]]:
-  """Splits equally long 1-D arrays into `chunk`-row pieces, the last padded with row 0.
+  """Splits equally long 1-D arrays into `chunk`-row pieces, the last padded with zeros.
 
   Returns:
     (count, chunks): the number of chunks ceil(n / chunk) and an iterator over them (each a list
     of arrays [chunk], one per input). Every chunk has the same shape, so a jitted function over
-    them compiles once whatever n is; rows past n are copies of row 0 (their results are dropped).
+    them compiles once whatever n is. Rows past n are 0 (for index arrays: row 0, a valid index);
+    their results are to be dropped.
   """
   total = len(arrays[0]) if arrays else 0
   count = -(-total // chunk)

@@ -351,7 +351,7 @@ def make_grounding_fn(model, *, layer: int, mode: str = "itm", mesh: Optional[Me
     heat = upsample(heat, batch["image"].shape[1:3])
     return locate(heat, batch["proposals"], batch["proposal_mask"], batch["gt_box"])["hit"]
 
-  return jax.jit(lambda params, batch: common.replicate_output(ground(params, batch), mesh))
+  return jax.jit(common.with_replicated_outputs(ground, mesh))
 
 
 def split_accuracy(hits, split_id, valid, split_names: Sequence[str]) -> dict[str, float]:

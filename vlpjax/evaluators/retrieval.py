@@ -284,12 +284,12 @@ class Scorer:
     self.functions = dict(
         embed_images=embed_images, embed_texts=embed_texts,
         similarities=jax.jit(functools.partial(_valid_similarities, k=self.k_test, mesh=mesh)),
-        ranks=jax.jit(lambda *args: common.replicate_output(_ranks_impl(*args), mesh)))
+        ranks=jax.jit(common.with_replicated_outputs(_ranks_impl, mesh)))
     if self.k_test:
       common.check_divisible(self.itm_batch_size, mesh, "ITM batch size")
       self.functions.update(
           pair_scores=make_pair_score_fn(model),
-          write_chunk=jax.jit(lambda *args: common.replicate_output(_write_chunk(*args), mesh), donate_argnums=0),
+          write_chunk=jax.jit(common.with_replicated_outputs(_write_chunk, mesh), donate_argnums=0),
           top_k_scores=jax.jit(_top_k_scores))
 
   def embed_images(self, params, batches: Iterable[dict]) -> tuple[dict[str, jax.Array], np.ndarray]:

@@ -222,10 +222,6 @@ def make_predict_fn(model, *, k_test: int = 128, rank_fix: bool = False, mesh: O
   mode = model.config.vqa_mode
 
   def predict(params, image, text_ids, text_mask, candidate_ids, candidate_mask):
-    return common.replicate_output(answer(params, image, text_ids, text_mask, candidate_ids, candidate_mask),
-                                   mesh)
-
-  def answer(params, image, text_ids, text_mask, candidate_ids, candidate_mask):
     variables = {"params": params}
     q_states = model.apply(variables, image, text_ids, text_mask, method=model.vqa_encode)
     if mode == "classify":
@@ -238,7 +234,7 @@ def make_predict_fn(model, *, k_test: int = 128, rank_fix: bool = False, mesh: O
     return rank_candidates(decode, q_states, text_mask, candidate_ids, candidate_mask, k=k_test,
                            rank_fix=rank_fix)[0]
 
-  return jax.jit(predict)
+  return jax.jit(common.with_replicated_outputs(predict, mesh))
 
 
 BATCH_KEYS = ("image", "text_ids", "text_mask")
