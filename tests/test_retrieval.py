@@ -260,6 +260,9 @@ def test_evaluator_compiles_once_and_keeps_fsdp_params_in_place(tiny_eval, monke
                       real_device_put(x, *a, **k))
   with compile_log.compile_log() as first:
     results = [evaluator(fsdp)]
+  # jax.jit of one module-level function shares its cache between wrappers (other tests' shapes
+  # may be in it), so the sizes are compared before and after, not to 1.
+  cache_sizes = {name: fn._cache_size() for name, fn in evaluator.functions.items()}
   # Other params whose top-k lists fill another number of ITM batches (the rerank's
   # data-dependent size must not change any compiled shape).
   chunks = lambda p: -(-_distinct_pairs(evaluator, p) // 8)   # noqa: E731
@@ -270,11 +273,12 @@ def test_evaluator_compiles_once_and_keeps_fsdp_params_in_place(tiny_eval, monke
     other_results = evaluator(others)
   monkeypatch.undo()
 
-  assert {f"jit({name})" for name in ("embed_images", "embed_texts", "score")} <= set(first), first
+  assert all(first.count(f"jit({name})") == 1 for name in ("embed_images", "embed_texts", "score")), first
   assert later == []
   assert set(evaluator.functions) == {"embed_images", "embed_texts", "similarities", "ranks", "pair_scores",
                                       "write_chunk", "top_k_scores"}
-  assert {name: fn._cache_size() for name, fn in evaluator.functions.items()} == dict.fromkeys(evaluator.functions, 1)
+  assert {name: fn._cache_size() for name, fn in evaluator.functions.items()} == cache_sizes
+  assert all(cache_sizes.values())
   assert results[0] == results[1] == results[2]
   assert results[0]["num_images"] == 6 and results[0]["num_texts"] == 13
   assert other_results != results[0]

@@ -108,7 +108,7 @@ def _predict_all(predict, keys: Sequence[str], params, batches: Iterable[dict], 
   predictions, labels, valid, indices = [], [], [], []
   for inputs, batch in common.device_batches(batches, keys, mesh, "classification evaluation",
                                              host_keys=("label",)):
-    predictions.append(predict(params, inputs))
+    predictions.append(common.settle(predict(params, inputs)))
     labels.append(np.asarray(batch["label"]))
     valid.append(np.asarray(batch["valid"]).astype(bool))
     indices.append(np.asarray(batch["index"]) if "index" in batch else np.full([len(valid[-1])], -1))

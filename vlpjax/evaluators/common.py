@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlpjax import sharding as sharding_lib
 
@@ -38,6 +38,11 @@ def put_batch(value, mesh: Optional[Mesh]):
   return jax.device_put(value, sharding_lib.batch_sharding(mesh, value.ndim))
 
 
+def chunk_rows_sharding(mesh: Mesh) -> NamedSharding:
+  """[chunks, chunk]: every row split over the batch axes, as a batch [chunk] is."""
+  return NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES))
+
+
 def put_replicated(tree, mesh: Optional[Mesh]):
   """A tree every device reads whole: replicated over the mesh (the default device without one)."""
   if mesh is None:
@@ -50,6 +55,22 @@ def replicate_output(tree, mesh: Optional[Mesh]):
   if mesh is None:
     return tree
   return jax.lax.with_sharding_constraint(tree, sharding_lib.replicated(mesh))
+
+
+def settle(value):
+  """`value` (a tree of jax.Arrays), first waited for when it spans several CPU devices.
+
+  The evaluation loops dispatch one small program per batch without waiting. On XLA:CPU every
+  device's share of a program runs on one shared thread pool, and many such programs in flight
+  whose collectives (e.g. the all-gathers of FSDP-sharded params) wait on each other can leave a
+  rendezvous that never completes (seen with 8 simulated devices: "Expected 8 threads to join
+  the rendezvous"). One program at a time costs a CPU nothing; accelerators keep the pipelining.
+  """
+  leaves = jax.tree.leaves(value)
+  devices = leaves[0].sharding.device_set if leaves and isinstance(leaves[0], jax.Array) else set()
+  if len(devices) > 1 and next(iter(devices)).platform == "cpu":
+    jax.block_until_ready(value)
+  return value
 
 
 def with_replicated_outputs(fn: Callable, mesh: Optional[Mesh]) -> Callable:

@@ -391,7 +391,7 @@ def _evaluate(ground, params, batches: Iterable[dict], split_names: Sequence[str
   hits, split_ids, valid = [], [], []
   for inputs, batch in common.device_batches(batches, MODEL_KEYS, mesh, "grounding evaluation",
                                              host_keys=("split_id",), size_name="eval batch size (config.eval.batch_size)"):
-    hits.append(ground(params, inputs))   # dispatched without waiting; read back once at the end
+    hits.append(common.settle(ground(params, inputs)))   # read back once at the end
     split_ids.append(np.asarray(batch["split_id"]))
     valid.append(np.asarray(batch["valid"], bool))
   if not hits:

@@ -152,7 +152,7 @@ def embed_all(batches: Iterable[dict], embed: Callable[[dict], dict], mesh: Opti
   valid = []
   for inputs, batch in common.device_batches(batches, None, mesh, "retrieval evaluation", exclude=bookkeeping):
     valid.append(np.asarray(batch["valid"]).astype(bool))
-    for key, value in embed(inputs).items():
+    for key, value in common.settle(embed(inputs)).items():
       parts.setdefault(key, []).append(value)
   if not valid:
     raise ValueError("retrieval evaluation: no batches")
@@ -230,16 +230,24 @@ def unique_top_k_pairs(i2t_top: np.ndarray, t2i_top: np.ndarray, num_texts: int
   return unique // num_texts, unique % num_texts, inverse.astype(np.int32)
 
 
-def _write_chunk(buffer, values, start):
-  """buffer [N] with values [b] written at [start, start + b) (replicated: the host never splits it)."""
-  return jax.lax.dynamic_update_slice(buffer, values.astype(buffer.dtype), (start,))
+def _write_chunk(buffer, values, index, *, mesh: Optional[Mesh]):
+  """buffer [chunks, chunk] with row `index` = values [chunk].
+
+  Each row is split over the mesh's batch axes like the chunk of pair scores written into it,
+  so the write is local to every device (no collective in the per-chunk loop).
+  """
+  out = jax.lax.dynamic_update_index_in_dim(buffer, values.astype(buffer.dtype), index, axis=0)
+  if mesh is None:
+    return out
+  return jax.lax.with_sharding_constraint(out, common.chunk_rows_sharding(mesh))
 
 
 def _top_k_scores(pair_logits, inverse, i2t_top, t2i_top):
   """ALBEF's rerank matrices from the logits of the distinct pairs.
 
   Args:
-    pair_logits: float32 [>= n] ITM logit of distinct pair p at p (rows past n unused).
+    pair_logits: float32 [chunks, chunk]; flattened, the ITM logit of distinct pair p at p (rows
+      past n unused).
     inverse: int [I * k1 + T * k2] from `unique_top_k_pairs`.
     i2t_top: int [I, k1]; t2i_top: int [T, k2].
 
@@ -248,7 +256,7 @@ def _top_k_scores(pair_logits, inverse, i2t_top, t2i_top):
       scores_i2t[i, i2t_top[i, j]] and scores_t2i[t, t2i_top[t, j]], which get their pair's logit.
   """
   num_images, num_texts = i2t_top.shape[0], t2i_top.shape[0]
-  logits = pair_logits[inverse]
+  logits = pair_logits.reshape(-1)[inverse]
   split = i2t_top.size
 
   def scatter(shape, top, values):
@@ -264,9 +272,9 @@ class Scorer:
 
   `scores(params, image_batches, text_batches)` gives the score matrices; `recalls` turns them
   into the metrics. The functions (`functions`, name -> jitted function) see shapes fixed by the
-  split and the batch sizes only: the ITM logits of the distinct top-k pairs (their number
-  changes with the params) are written in fixed-size chunks into a buffer sized for the most
-  pairs there can be, so new params never compile anything.
+  split and the batch sizes only: the distinct top-k pairs (their number changes with the
+  params) are scored in fixed-size chunks written into a buffer with room for the most chunks
+  there can be (every pair distinct), so new params never compile anything.
 
   Args:
     model: a VLPModel, or any model with encode_image, encode_text, project_image, project_text
@@ -289,7 +297,7 @@ class Scorer:
       common.check_divisible(self.itm_batch_size, mesh, "ITM batch size")
       self.functions.update(
           pair_scores=make_pair_score_fn(model),
-          write_chunk=jax.jit(common.with_replicated_outputs(_write_chunk, mesh), donate_argnums=0),
+          write_chunk=jax.jit(functools.partial(_write_chunk, mesh=mesh), donate_argnums=0),
           top_k_scores=jax.jit(_top_k_scores))
 
   def embed_images(self, params, batches: Iterable[dict]) -> tuple[dict[str, jax.Array], np.ndarray]:
@@ -325,14 +333,17 @@ class Scorer:
     # The states every pair gathers from, replicated once (not once per chunk).
     image_states, text_states, text_mask = common.put_replicated(
         (images["states"], texts["states"], texts["mask"]), mesh)
-    count, chunks = common.padded_chunks([image_rows[pair_images].astype(np.int32),
+    _, chunks = common.padded_chunks([image_rows[pair_images].astype(np.int32),
                                           text_rows[pair_texts].astype(np.int32)], chunk)
-    capacity = -(-len(inverse) // chunk) * chunk   # every pair distinct: the most chunks there can be
-    logits = common.put_replicated(np.zeros([capacity], np.float32), mesh)
+    # Room for the most chunks there can be (every pair distinct): the shapes do not depend on
+    # how many pairs both directions share.
+    most = -(-len(inverse) // chunk)
+    logits = np.zeros([most, chunk], np.float32)
+    logits = jax.device_put(logits, common.chunk_rows_sharding(mesh)) if mesh is not None else jnp.asarray(logits)
     for n, (image_chunk, text_chunk) in enumerate(chunks):
       scores = fns["pair_scores"](params, image_states, text_states, text_mask,
                                   common.put_batch(image_chunk, mesh), common.put_batch(text_chunk, mesh))
-      logits = fns["write_chunk"](logits, scores, np.int32(n * chunk))
+      logits = common.settle(fns["write_chunk"](logits, scores, np.int32(n)))
     return fns["top_k_scores"](logits, inverse, i2t_top, t2i_top)
 
   def scores(self, params, image_batches: Iterable[dict], text_batches: Iterable[dict]

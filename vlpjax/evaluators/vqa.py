@@ -245,7 +245,7 @@ def _predict_answers(predict, params, batches, candidates, num_questions: int, m
   """`predict_answers` with a given jitted `predict`, placed params and placed candidates."""
   predicted, rows = [], []
   for inputs, batch in common.device_batches(batches, BATCH_KEYS, mesh, "VQA evaluation", host_keys=("index",)):
-    predicted.append(predict(params, *(inputs[k] for k in BATCH_KEYS), *candidates))
+    predicted.append(common.settle(predict(params, *(inputs[k] for k in BATCH_KEYS), *candidates)))
     rows.append(np.where(np.asarray(batch["valid"]).astype(bool), np.asarray(batch["index"]), -1))
   if not predicted:
     raise ValueError("VQA evaluation: no batches")
