@@ -287,7 +287,7 @@ class Scorer:
   def __init__(self, model, *, k_test: int = 0, itm_batch_size: int = 128, mesh: Optional[Mesh] = None):
     self.model, self.k_test, self.itm_batch_size, self.mesh = model, int(k_test), int(itm_batch_size), mesh
     if self.k_test < 0:
-      raise ValueError(f"k_test must be >= 0, got {self.k_test}")
+      raise ValueError(f"k_test (config.eval.k_test) must be >= 0, got {self.k_test}")
     embed_images, embed_texts = make_embed_fns(model, keep_states=self.k_test > 0)
     self.functions = dict(
         embed_images=embed_images, embed_texts=embed_texts,
