@@ -7,6 +7,7 @@ import types
 import zlib
 from typing import Any, Callable
 
+import compile_log
 import flax.linen as nn
 import input_pipeline
 import jax
@@ -640,6 +641,33 @@ def test_run_reads_make_eval_data_and_takes_the_labels_of_the_split(monkeypatch)
   FakeEvalData.num_examples = 6
   with pytest.raises(ValueError, match="5 valid rows.*6 examples"):
     classification.run(config, model, params)
+
+
+def test_evaluator_compiles_once_and_repeats_its_results():
+  """One Evaluator, three evaluations on a mesh: `predict` compiles on the first only."""
+  model, params = _init("nlvr")
+  batches = _eval_batches("nlvr", 40)
+  predictions, labels = _direct_predictions(model, params, batches)
+
+  class FakeEvalData:
+    num_examples = 5
+
+    def batches(self):
+      return iter(batches)
+
+  config = ml_collections.ConfigDict(dict(input=dict(format="nlvr2"), eval=dict(split="dev", batch_size=BATCH)))
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=1), devices=jax.devices()[:4])
+  evaluator = classification.Evaluator(config, model, mesh, data=FakeEvalData())
+  params = jax.device_put(params, sharding.replicated(mesh))
+  with compile_log.compile_log() as first:
+    results = [evaluator(params)]
+  with compile_log.compile_log() as later:
+    results += [evaluator(params), evaluator(params)]
+  assert first.count("jit(predict)") == 1 and later == []
+  assert evaluator.functions["predict"]._cache_size() == 1
+  names = classification.CLASS_NAMES["nlvr"]
+  assert results[0] == results[1] == results[2]
+  assert results[0] == pytest.approx(classification.accuracy_metrics(predictions, labels, 2, names), nan_ok=True)
 
 
 def test_evaluator_rejects_a_model_without_a_classification_head():

@@ -1,12 +1,15 @@
 """Retrieval: R@K against hand-computed cases, the batched ITM rerank against a slow every-pair
 reference, and retrieval finetuning from a pretraining checkpoint beating its zero-shot numbers."""
+import compile_log
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import albef, finetune_retrieval
 from vlpjax import checkpoint, evaluate, sharding, train
-from vlpjax.evaluators import retrieval
+from vlpjax.evaluators import common, retrieval
 from vlpjax.models import vlp
 
 # Images 0, 1, 2 own captions {0, 1}, {2, 3, 4}, {5}.
@@ -191,6 +194,137 @@ def test_evaluate_rejects_index_maps_of_another_split(tiny_eval):
     retrieval.evaluate(model, params, _padded_batches(dict(image=images), 4),
                        _padded_batches(dict(text_ids=text_ids, text_mask=text_mask), 4),
                        TXT2IMG, IMG2TXT, k_test=2)
+
+
+# ----------------------------------------------------------------------------- Evaluator
+
+
+class _FakeRetrievalData:
+  """The `builder.make_eval_dataset` contract on in-memory arrays (batches padded to `batch_size`)."""
+
+  def __init__(self, images, text_ids, text_mask, batch_size, extra_image_inputs=None):
+    self.txt2img = np.arange(len(text_ids)) % len(images)
+    self.img2txt = [list(np.flatnonzero(self.txt2img == i)) for i in range(len(images))]
+    self._images = dict(image=images, image_index=np.arange(len(images), dtype=np.int32),
+                        **(extra_image_inputs or {}))
+    self._texts = dict(text_ids=text_ids, text_mask=text_mask, text_index=np.arange(len(text_ids), dtype=np.int32))
+    self._batch_size = batch_size
+
+  def image_batches(self):
+    return _padded_batches(self._images, self._batch_size)
+
+  def text_batches(self):
+    return _padded_batches(self._texts, self._batch_size)
+
+
+def _eval_config(batch_size, k_test):
+  return ml_collections.ConfigDict(dict(input={}, eval=dict(kind="retrieval", split="test", batch_size=batch_size,
+                                                            k_test=k_test)))
+
+
+def _fsdp_params(model, params, mesh):
+  """`params` sharded as training shards them with the 'fsdp' rules (embed axes over `fsdp`)."""
+  abstract = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r}, *vlp.init_inputs(model.config)),
+                            jax.random.PRNGKey(0))["params"]
+  shardings = sharding.logical_to_shardings(abstract, mesh, sharding.logical_rules("fsdp"))
+  return jax.device_put(params, shardings)
+
+
+def _perturbed(params, seed, scale):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), params)
+
+
+def _distinct_pairs(evaluator, params):
+  scorer, data = evaluator.scorer, evaluator.data
+  images, image_rows = scorer.embed_images(params, data.image_batches())
+  texts, text_rows = scorer.embed_texts(params, data.text_batches())
+  _, i2t_top, t2i_top = scorer.similarities(images, image_rows, texts, text_rows)
+  return len(retrieval.unique_top_k_pairs(np.asarray(i2t_top), np.asarray(t2i_top), len(text_rows))[0])
+
+
+def test_evaluator_compiles_once_and_keeps_fsdp_params_in_place(tiny_eval, monkeypatch):
+  """Three evaluations (and one of other params) with one Evaluator on a data=4 x fsdp=2 mesh:
+  every jitted function compiles on the first call only, the results repeat, the FSDP-sharded
+  params are never moved, and they score exactly as replicated params do."""
+  model, params, images, text_ids, text_mask = tiny_eval
+  mesh = sharding.make_mesh(dict(data=4, fsdp=2, tensor=1))
+  data = _FakeRetrievalData(images, text_ids, text_mask, batch_size=8)
+  evaluator = retrieval.Evaluator(_eval_config(8, k_test=2), model, mesh, data=data)
+  fsdp = _fsdp_params(model, params, mesh)
+  assert any("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(fsdp))
+  before = jax.tree.map(lambda x: x.sharding, fsdp)
+  put = []
+  real_device_put = jax.device_put
+  monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: put.extend(map(id, jax.tree.leaves(x))) or
+                      real_device_put(x, *a, **k))
+  with compile_log.compile_log() as first:
+    results = [evaluator(fsdp)]
+  # jax.jit of one module-level function shares its cache between wrappers (other tests' shapes
+  # may be in it), so the sizes are compared before and after, not to 1.
+  cache_sizes = {name: fn._cache_size() for name, fn in evaluator.functions.items()}
+  # Other params whose top-k lists fill another number of ITM batches (the rerank's
+  # data-dependent size must not change any compiled shape).
+  chunks = lambda p: -(-_distinct_pairs(evaluator, p) // 8)   # noqa: E731
+  others = next(p for p in (_fsdp_params(model, _perturbed(params, seed, 0.5), mesh) for seed in range(1, 9))
+                if chunks(p) != chunks(fsdp))
+  with compile_log.compile_log() as later:
+    results += [evaluator(fsdp), evaluator(fsdp)]
+    other_results = evaluator(others)
+  monkeypatch.undo()
+
+  assert all(first.count(f"jit({name})") == 1 for name in ("embed_images", "embed_texts", "score")), first
+  assert later == []
+  assert set(evaluator.functions) == {"embed_images", "embed_texts", "similarities", "ranks", "pair_scores",
+                                      "write_chunk", "top_k_scores"}
+  assert {name: fn._cache_size() for name, fn in evaluator.functions.items()} == cache_sizes
+  assert all(cache_sizes.values())
+  assert results[0] == results[1] == results[2]
+  assert results[0]["num_images"] == 6 and results[0]["num_texts"] == 13
+  assert other_results != results[0]
+  assert put and not set(put) & set(map(id, jax.tree.leaves(fsdp))), "params were device_put (resharded)"
+  assert jax.tree.map(lambda x: x.sharding, fsdp) == before
+  assert all(a is b for a, b in zip(jax.tree.leaves(common.place_params(fsdp, mesh)), jax.tree.leaves(fsdp)))
+
+  replicated = jax.device_put(params, sharding.replicated(mesh))
+  want = evaluator.scorer.scores(replicated, data.image_batches(), data.text_batches())
+  got = evaluator.scorer.scores(fsdp, data.image_batches(), data.text_batches())
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+  assert evaluator(replicated) == results[0]
+  expected = retrieval.recall_at_k(*(np.asarray(s) for s in want), data.txt2img, data.img2txt)
+  assert {k: v for k, v in results[0].items() if not k.startswith("num_")} == pytest.approx(expected)
+
+
+class _ConceptModel(vlp.VLPModel):
+  """An image encoder with extra image-side inputs, as ViCHA's concept tokens reach it."""
+
+  def encode_image(self, images, concept_ids=None, concept_mask=None):
+    out = super().encode_image(images)
+    if concept_ids is None:
+      return out
+    shift = 0.1 * jnp.sum(concept_ids * concept_mask, axis=1).astype(out["states"].dtype)
+    return dict(out, states=out["states"] + shift[:, None, None])
+
+
+def test_extra_image_inputs_reach_encode_image(tiny_eval):
+  model, params, images, _, _ = tiny_eval
+  concept_model = _ConceptModel(model.config)
+  rng = np.random.default_rng(4)
+  concepts = dict(concept_ids=rng.integers(1, 9, (len(images), 3)).astype(np.int32),
+                  concept_mask=(rng.uniform(size=(len(images), 3)) < 0.7).astype(np.int32))
+  scorer = retrieval.Scorer(concept_model)
+  got, rows = scorer.embed_images(params, _padded_batches(dict(image=images, **concepts), 4))
+
+  def reference(images, concept_ids, concept_mask):
+    states = concept_model.apply({"params": params}, images, concept_ids=concept_ids, concept_mask=concept_mask,
+                                 method=concept_model.encode_image)["states"]
+    return concept_model.apply({"params": params}, states[:, 0], method=concept_model.project_image)
+
+  want = jax.jit(reference)(images, **concepts)
+  np.testing.assert_allclose(np.asarray(got["feat"])[rows], np.asarray(want), atol=1e-5)
+  plain, _ = retrieval.Scorer(model).embed_images(params, _padded_batches(dict(image=images), 4))
+  assert not np.allclose(np.asarray(plain["feat"])[rows], np.asarray(want), atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- finetuning

@@ -47,12 +47,6 @@ def _check(keys, allowed, where):
                      f"allowed in {where}: {sorted(allowed)}")
 
 
-def _check_eval(eval_cfg, where: str) -> None:
-  from vlpjax import evaluators
-  allowed = SECTIONS["eval"] | set(evaluators.get(eval_cfg.get("kind") or "retrieval").EVAL_KEYS)
-  _check(eval_cfg.keys(), allowed, where)
-
-
 def _check_objectives(config, objectives_cfg, where: str, model_cfg) -> None:
   """Known names; heads in config.model.heads; a teacher where one is read; own config checks."""
   has_teacher = teacher_settings(config, 1) is not None
@@ -78,11 +72,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for section, allowed in SECTIONS.items():
     if section in config and config[section] is not None and hasattr(config[section], "keys"):
       if section == "eval":
-        _check_eval(config.eval, "config.eval")
-        continue
+        continue  # with config.evals, by the evaluators (their own keys)
       _check(config[section].keys(), allowed, f"config.{section}")
-  for name, eval_cfg in (config.get("evals") or {}).items():
-    _check_eval(eval_cfg, f"config.evals.{name}")
+  from vlpjax import evaluators
+  evaluators.validate(config)
   model_cfg = vlp.build_config(config.model)
   _check_objectives(config, config.objectives, "config.objectives", model_cfg)
   sharding_lib.logical_rules(config.sharding.rules)

@@ -64,16 +64,16 @@ def restore_params(config, path: str):
 
 def evaluate_checkpoint(config, path: Optional[str] = None, *, workdir: Optional[str] = None,
                         verbose: bool = True) -> dict[str, Any]:
-  """Retrieval metrics of the checkpoint at `path` (default `config.init_from.path`).
+  """Metrics of the checkpoint at `path` (default `config.init_from.path`) by `config.eval.kind`.
 
   Args:
-    config: a retrieval config (e.g. `config_lib.load_config("configs/finetune_retrieval.py:demo")`).
+    config: an eval config (e.g. `config_lib.load_config("configs/finetune_retrieval.py:demo")`).
     path: the checkpoint; see the module docstring for the accepted layouts.
     workdir: optional; metrics are also written as TensorBoard scalars under `<workdir>/eval`.
     verbose: print the restore table.
 
   Returns:
-    dict of floats: txt_r1/5/10, img_r1/5/10, their means, r_mean, num_images, num_texts.
+    dict of floats; retrieval: txt_r1/5/10, img_r1/5/10, their means, r_mean, num_images, num_texts.
   """
   from vlpjax import config_lib
   config_lib.validate(config)
@@ -91,7 +91,7 @@ def evaluate_checkpoint(config, path: Optional[str] = None, *, workdir: Optional
     print(f"restored from {path}:\n{checkpoint.format_report(report)}", flush=True)
   mesh = sharding_lib.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.local_devices())
   kind = config.eval.get("kind") or "retrieval"
-  results = evaluators.get(kind).run(config, model, params, mesh=mesh)
+  results = evaluators.get(kind).Evaluator(config, model, mesh)(params)
   if workdir:
     writer = metrics_lib.create_writer(workdir, process_index=jax.process_index(), collection="eval")
     writer.write_scalars(0, {f"{kind}/{k}": v for k, v in results.items()})

@@ -112,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = open_stream(segment, start_step - stages_lib.segment_start(stages, segment), start_position)
 
   # ----------------------------------------------------------------------------- Evaluators (built once)
-  scheduled_evals = [] if config.input.get("synthetic", False) else evaluators.build_all(config, model, mesh)
+  scheduled_evals = evaluators.build_all(config, model, mesh)
 
   # ----------------------------------------------------------------------------- Loop
   last_metrics: dict[str, Any] = {}

@@ -4,7 +4,7 @@ Protocol (METHODS.md Appendix G): accuracy of the argmax prediction over the exa
 split. The model kind picks the forward: `ve` -> `cls_logits(image, ...)`, `nlvr` ->
 `nlvr_logits(image0, image1, ...)`. Batches are the fixed-size padded batches of
 `input_pipeline.tasks.make_eval_data` (`label` int [B], `valid` bool [B]); predictions are
-computed by one jitted function per batch shape and stay on device until the end.
+computed by one jitted function (built once per `Evaluator`) and read back at the end.
 """
 from typing import Iterable, Optional, Sequence
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vlpjax import sharding as sharding_lib
+from vlpjax.evaluators import common
 from vlpjax.models import classify as classify_models
 
 EVAL_KEYS = ()
@@ -77,8 +77,11 @@ def model_task(model) -> str:
                    f"got {type(model).__name__}")
 
 
-def make_predict_fn(model):
-  """Jitted `predict(params, batch) -> int32 [B]` argmax class, and the batch keys it reads."""
+def make_predict_fn(model, mesh: Optional[Mesh] = None):
+  """Jitted `predict(params, batch) -> int32 [B]` argmax class, and the batch keys it reads.
+
+  With a `mesh` the predictions are replicated, so every process can read them.
+  """
   task = model_task(model)
   if task == "nlvr":
     keys = ("image0", "image1", "text_ids", "text_mask")
@@ -96,14 +99,27 @@ def make_predict_fn(model):
   def predict(params, batch):
     return jnp.argmax(logits(params, batch), axis=-1).astype(jnp.int32)
 
-  return jax.jit(predict), keys
+  return jax.jit(common.with_replicated_outputs(predict, mesh)), keys
 
 
-def _put(value, mesh: Optional[Mesh]):
-  value = np.asarray(value)
-  if mesh is None:
-    return value
-  return jax.device_put(value, sharding_lib.batch_sharding(mesh, value.ndim))
+def _predict_all(predict, keys: Sequence[str], params, batches: Iterable[dict], mesh: Optional[Mesh]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`predict_all` with a given jitted `predict` (from `make_predict_fn`) and placed params."""
+  predictions, labels, valid, indices = [], [], [], []
+  for inputs, batch in common.device_batches(batches, keys, mesh, "classification evaluation",
+                                             host_keys=("label",)):
+    predictions.append(common.settle(predict(params, inputs)))
+    labels.append(np.asarray(batch["label"]))
+    valid.append(np.asarray(batch["valid"]).astype(bool))
+    indices.append(np.asarray(batch["index"]) if "index" in batch else np.full([len(valid[-1])], -1))
+  if not valid:
+    raise ValueError("classification evaluation: no batches")
+  valid = np.concatenate(valid)
+  predictions = np.concatenate([np.asarray(p) for p in predictions])
+  indices = np.concatenate(indices)[valid]
+  if np.any(indices < 0):
+    indices = np.arange(int(valid.sum()))
+  return predictions[valid], np.concatenate(labels)[valid], indices
 
 
 def predict_all(model, params, batches: Iterable[dict], mesh: Optional[Mesh] = None
@@ -111,7 +127,7 @@ def predict_all(model, params, batches: Iterable[dict], mesh: Optional[Mesh] = N
   """Predictions, batch labels and example indices of the valid rows of fixed-size padded batches.
 
   Args:
-    model: a `VEModel` or `NLVRModel`; params: its params (replicated onto `mesh` if given).
+    model: a `VEModel` or `NLVRModel`; params: its params (kept in their sharding when on the mesh).
     batches: dicts with the model inputs, `label` int [B], `valid` bool [B] and optionally
       `index` int [B] (the example's row in the split).
     mesh: optional; every batch is split over its batch axes (B must divide).
@@ -120,30 +136,16 @@ def predict_all(model, params, batches: Iterable[dict], mesh: Optional[Mesh] = N
     (predictions, labels, indices): int [num_valid] each, valid rows in batch order; indices are
     the batches' `index` (or the valid rows' running position when the batches have none).
   """
-  predict, keys = make_predict_fn(model)
-  if mesh is not None:
-    params = jax.device_put(params, sharding_lib.replicated(mesh))
-  predictions, labels, valid, indices = [], [], [], []
-  for batch in batches:
-    missing = [k for k in (*keys, "label", "valid") if k not in batch]
-    if missing:
-      raise KeyError(f"classification evaluation: eval batch lacks {missing}; it has {sorted(batch)}")
-    size = len(batch["valid"])
-    if mesh is not None and size % sharding_lib.num_batch_shards(mesh):
-      raise ValueError(f"eval batch size {size} is not divisible by the "
-                       f"{sharding_lib.num_batch_shards(mesh)} batch shards of the mesh")
-    predictions.append(predict(params, {k: _put(batch[k], mesh) for k in keys}))
-    labels.append(np.asarray(batch["label"]))
-    valid.append(np.asarray(batch["valid"]).astype(bool))
-    indices.append(np.asarray(batch["index"]) if "index" in batch else np.full([size], -1))
-  if not valid:
-    raise ValueError("classification evaluation: no batches")
-  valid = np.concatenate(valid)
-  predictions = np.asarray(jax.device_get(jnp.concatenate(predictions)))
-  indices = np.concatenate(indices)[valid]
-  if np.any(indices < 0):
-    indices = np.arange(int(valid.sum()))
-  return predictions[valid], np.concatenate(labels)[valid], indices
+  predict, keys = make_predict_fn(model, mesh)
+  return _predict_all(predict, keys, common.place_params(params, mesh), batches, mesh)
+
+
+def _metrics(model, predictions, labels, indices, true_labels=None) -> dict[str, float]:
+  if true_labels is not None:
+    labels = np.asarray(true_labels)[indices]
+  names = CLASS_NAMES[model_task(model)]
+  num_classes = model.config.num_classes
+  return accuracy_metrics(predictions, labels, num_classes, names if len(names) == num_classes else None)
 
 
 def evaluate(model, params, batches: Iterable[dict], *, true_labels=None,
@@ -157,29 +159,41 @@ def evaluate(model, params, batches: Iterable[dict], *, true_labels=None,
       input pipeline could not read arrives all zero, its `label` included; the split's labels
       keep its true class.
   """
-  num_classes = model.config.num_classes
-  names = CLASS_NAMES[model_task(model)]
-  predictions, labels, indices = predict_all(model, params, batches, mesh)
-  if true_labels is not None:
-    labels = np.asarray(true_labels)[indices]
-  return accuracy_metrics(predictions, labels, num_classes, names if len(names) == num_classes else None)
+  return _metrics(model, *predict_all(model, params, batches, mesh), true_labels=true_labels)
 
 
 # ----------------------------------------------------------------------------- evaluator contract
 
 
-def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, float]:
-  """Classification metrics of `params` on `config.eval.split` of `config.input` (evaluator contract).
+class Evaluator(common.Evaluator):
+  """Classification metrics on `config.eval.split` of `config.input`: data and `predict` built once.
 
   Every process scores the whole split (`make_eval_data` with its default single process).
+  `data`: optional eval data with the `tasks.make_eval_data` contract (batches(), num_examples,
+  optionally labels).
   """
-  from input_pipeline import tasks
-  data = tasks.make_eval_data(config.input, split=config.eval.split, batch_size=int(config.eval.batch_size))
-  results = evaluate(model, params, data.batches(), true_labels=getattr(data, "labels", None), mesh=mesh)
-  if results["num_examples"] != data.num_examples:
-    raise ValueError(f"classification evaluation: {int(results['num_examples'])} valid rows in the batches, "
-                     f"but the split has {data.num_examples} examples")
-  return results
+
+  def make_functions(self):
+    self._predict, self._keys = make_predict_fn(self.model, self.mesh)
+    return dict(predict=self._predict)
+
+  def make_data(self):
+    from input_pipeline import tasks
+    return tasks.make_eval_data(self.config.input, split=self.config.eval.split, batch_size=self.batch_size)
+
+  def evaluate(self, params) -> dict[str, float]:
+    data = self.data
+    results = _metrics(self.model, *_predict_all(self._predict, self._keys, params, data.batches(), self.mesh),
+                       true_labels=getattr(data, "labels", None))
+    if results["num_examples"] != data.num_examples:
+      raise ValueError(f"classification evaluation: {int(results['num_examples'])} valid rows in the batches, "
+                       f"but the split has {data.num_examples} examples")
+    return results
+
+
+def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, float]:
+  """One-off `Evaluator(config, model, mesh)(params)` (evaluator contract)."""
+  return Evaluator(config, model, mesh)(params)
 
 
 def format_results(results: dict[str, float]) -> str:

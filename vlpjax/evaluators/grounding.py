@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vlpjax import sharding as sharding_lib
 from vlpjax.convert import resample
+from vlpjax.evaluators import common
 from vlpjax.models import vit
 
 GRADCAM_MODES = ("itm", "itc")
@@ -53,6 +53,7 @@ AREA_EXPONENT = 0.5
 DEFAULT_GRADCAM_LAYER = 2
 DEFAULT_BLOCK_NUM = 8
 BATCH_KEYS = ("image", "text_ids", "text_mask", "gt_box", "proposals", "proposal_mask", "split_id", "valid")
+MODEL_KEYS = BATCH_KEYS[:6]   # the device inputs; split_id and valid stay on the host
 
 
 # ----------------------------------------------------------------------------- Grad-CAM
@@ -350,9 +351,7 @@ def make_grounding_fn(model, *, layer: int, mode: str = "itm", mesh: Optional[Me
     heat = upsample(heat, batch["image"].shape[1:3])
     return locate(heat, batch["proposals"], batch["proposal_mask"], batch["gt_box"])["hit"]
 
-  if mesh is None:
-    return jax.jit(ground)
-  return jax.jit(ground, out_shardings=sharding_lib.replicated(mesh))
+  return jax.jit(common.with_replicated_outputs(ground, mesh))
 
 
 def split_accuracy(hits, split_id, valid, split_names: Sequence[str]) -> dict[str, float]:
@@ -386,19 +385,27 @@ def split_accuracy(hits, split_id, valid, split_names: Sequence[str]) -> dict[st
   return out
 
 
-def _put_batch(value, mesh: Optional[Mesh]):
-  value = np.asarray(value)
-  if mesh is None:
-    return value
-  return jax.device_put(value, sharding_lib.batch_sharding(mesh, value.ndim))
+def _evaluate(ground, params, batches: Iterable[dict], split_names: Sequence[str], mesh: Optional[Mesh]
+              ) -> dict[str, float]:
+  """`evaluate` with a given jitted `ground` (from `make_grounding_fn`) and placed params."""
+  hits, split_ids, valid = [], [], []
+  for inputs, batch in common.device_batches(batches, MODEL_KEYS, mesh, "grounding evaluation",
+                                             host_keys=("split_id",), size_name="eval batch size (config.eval.batch_size)"):
+    hits.append(common.settle(ground(params, inputs)))   # read back once at the end
+    split_ids.append(np.asarray(batch["split_id"]))
+    valid.append(np.asarray(batch["valid"], bool))
+  if not hits:
+    raise ValueError("grounding evaluation: no batches")
+  return split_accuracy(np.concatenate([np.asarray(h) for h in hits]), np.concatenate(split_ids),
+                        np.concatenate(valid), split_names)
 
 
 def evaluate(model, params, batches: Iterable[dict], split_names: Sequence[str], *, layer: int,
              mode: str = "itm", mesh: Optional[Mesh] = None) -> dict[str, float]:
-  """Grounding accuracy of `params` over fixed-size padded eval batches.
+  """Grounding accuracy of `params` over fixed-size padded eval batches (one-off; see `Evaluator`).
 
   Args:
-    model, params: a `VLPModel` and its params (replicated onto `mesh` when one is given).
+    model, params: a `VLPModel` and its params (kept in their sharding when on the mesh).
     batches: dicts with `BATCH_KEYS` (the grounding eval-batch contract, leading axis B).
     split_names: names of the `split_id` values.
     layer, mode: as `gradcam_heatmaps`.
@@ -408,25 +415,7 @@ def evaluate(model, params, batches: Iterable[dict], split_names: Sequence[str],
     `split_accuracy`'s metrics.
   """
   ground = make_grounding_fn(model, layer=layer, mode=mode, mesh=mesh)
-  if mesh is not None:
-    params = jax.device_put(params, sharding_lib.replicated(mesh))
-  hits, split_ids, valid = [], [], []
-  for batch in batches:
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if missing:
-      raise KeyError(f"grounding eval batch lacks {missing}; it has {sorted(batch)} (contract: {BATCH_KEYS})")
-    size = len(batch["valid"])
-    if mesh is not None and size % sharding_lib.num_batch_shards(mesh):
-      raise ValueError(f"eval batch size={size} (config.eval.batch_size) is not divisible by the "
-                       f"{sharding_lib.num_batch_shards(mesh)} batch shards of the mesh")
-    inputs = {k: _put_batch(batch[k], mesh) for k in BATCH_KEYS[:6]}
-    hits.append(ground(params, inputs))   # dispatched without waiting; read back once at the end
-    split_ids.append(np.asarray(batch["split_id"]))
-    valid.append(np.asarray(batch["valid"], bool))
-  if not hits:
-    raise ValueError("grounding evaluation: no batches")
-  return split_accuracy(np.concatenate([np.asarray(h) for h in hits]), np.concatenate(split_ids),
-                        np.concatenate(valid), split_names)
+  return _evaluate(ground, common.place_params(params, mesh), batches, split_names, mesh)
 
 
 # ----------------------------------------------------------------------------- evaluator contract
@@ -442,13 +431,31 @@ def gradcam_setting(eval_config) -> tuple[str, int, str]:
   return mode, int(eval_config.get("gradcam_layer", DEFAULT_GRADCAM_LAYER)), "config.eval.gradcam_layer"
 
 
+class Evaluator(common.Evaluator):
+  """Grounding accuracy on `config.eval.split` of `config.input`: data and Grad-CAM built once.
+
+  `config.eval`: gradcam_mode ('itm' or 'itc'), gradcam_layer (itm) or block_num (itc); see
+  `gradcam_setting`. `data`: optional eval data with the `tasks.make_eval_data` contract for
+  grounding (batches(), split_names).
+  """
+
+  def make_functions(self):
+    mode, layer, where = gradcam_setting(self.config.eval)
+    check_gradcam_setting(self.model.config, mode, layer, where)
+    self._ground = make_grounding_fn(self.model, layer=layer, mode=mode, mesh=self.mesh)
+    return dict(ground=self._ground)
+
+  def make_data(self):
+    from input_pipeline import tasks
+    return tasks.make_eval_data(self.config.input, split=self.config.eval.split, batch_size=self.batch_size)
+
+  def evaluate(self, params) -> dict[str, float]:
+    return _evaluate(self._ground, params, self.data.batches(), list(self.data.split_names), self.mesh)
+
+
 def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, float]:
-  """Grounding accuracy of `params` on `config.eval.split` of `config.input` (evaluator contract)."""
-  mode, layer, where = gradcam_setting(config.eval)
-  check_gradcam_setting(model.config, mode, layer, where)
-  from input_pipeline import tasks
-  data = tasks.make_eval_data(config.input, split=config.eval.split, batch_size=int(config.eval.batch_size))
-  return evaluate(model, params, data.batches(), list(data.split_names), layer=layer, mode=mode, mesh=mesh)
+  """One-off `Evaluator(config, model, mesh)(params)` (evaluator contract)."""
+  return Evaluator(config, model, mesh)(params)
 
 
 def format_results(results: dict[str, float]) -> str:

@@ -11,8 +11,11 @@ Everything heavy stays on the accelerator: embeddings are computed in fixed-size
 and kept on device (patch and token states included, for the rerank), ITC similarities and top-k
 run under jit, and the ITM rerank scores the distinct (image, text) pairs of both directions in
 fixed-size jitted batches that gather their states on device. Only index arrays go to the
-device and only the recall ranks come back. With a `mesh`, every batch is split over the
-mesh's batch axes (data parallel; params and states replicated).
+device and only the top-k indices and the recall ranks come back. A `Scorer` holds the jitted
+functions of one model and k_test; every shape they see is fixed by the split and the batch
+sizes, so an `Evaluator` (a Scorer plus the eval data) compiles once and re-evaluates new params
+without compiling. With a `mesh`, every batch is split over the mesh's batch axes; params stay
+in their own sharding (see `common`).
 """
 import functools
 from typing import Callable, Iterable, Optional
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vlpjax import sharding as sharding_lib
+from vlpjax.evaluators import common
 
 # ALBEF's score for pairs outside the top-k of a row.
 OUTSIDE_TOP_K = -100.0
@@ -37,8 +40,7 @@ def _flatten_img2txt(img2txt: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
   return images, captions
 
 
-@jax.jit
-def _ranks(scores_i2t, scores_t2i, txt2img, gt_images, gt_captions):
+def _ranks_impl(scores_i2t, scores_t2i, txt2img, gt_images, gt_captions):
   """Pessimistic 0-based ranks; see `retrieval_ranks`."""
   scores_i2t = scores_i2t.astype(jnp.float32)
   scores_t2i = scores_t2i.astype(jnp.float32)
@@ -53,6 +55,9 @@ def _ranks(scores_i2t, scores_t2i, txt2img, gt_images, gt_captions):
   target = jnp.take_along_axis(scores_t2i, txt2img[:, None], axis=1)  # [T, 1]
   ranks_t2i = jnp.sum(scores_t2i >= target, axis=1) - 1
   return ranks_i2t, ranks_t2i
+
+
+_ranks = jax.jit(_ranks_impl)
 
 
 def retrieval_ranks(scores_i2t, scores_t2i, txt2img, img2txt: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +87,11 @@ def recall_at_k(scores_i2t, scores_t2i, txt2img, img2txt: list[list[int]], ks=(1
 
   Args: as `retrieval_ranks`; ks: the cut-offs.
   """
-  ranks_i2t, ranks_t2i = retrieval_ranks(scores_i2t, scores_t2i, txt2img, img2txt)
+  return recalls_from_ranks(*retrieval_ranks(scores_i2t, scores_t2i, txt2img, img2txt), ks=ks)
+
+
+def recalls_from_ranks(ranks_i2t: np.ndarray, ranks_t2i: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+  """`recall_at_k`'s metrics from the ranks of `retrieval_ranks` (a hit at k is rank < k)."""
   out = {}
   for k in ks:
     out[f"txt_r{k}"] = 100.0 * float(np.mean(ranks_i2t < k))
@@ -95,16 +104,24 @@ def recall_at_k(scores_i2t, scores_t2i, txt2img, img2txt: list[list[int]], ks=(1
 
 # ----------------------------------------------------------------------------- embeddings
 
+# Keys of the eval batches that are bookkeeping, not model inputs.
+IMAGE_BOOKKEEPING = ("valid", "image_index")
+TEXT_BOOKKEEPING = ("valid", "text_index")
+
 
 def make_embed_fns(model, *, keep_states: bool):
-  """Jitted `embed_images(params, images)` and `embed_texts(params, ids, mask)`.
+  """Jitted `embed_images(params, images, extra=None)` and `embed_texts(params, ids, mask)`.
+
+  `extra` holds any further image-side inputs of the eval image batches (e.g. ViCHA's
+  `concept_ids`, `concept_mask`); they are passed to `model.encode_image` as keyword arguments,
+  and nothing is passed when there are none.
 
   Returns dicts: feat [B, embed_dim] (unit norm, float32) and, with `keep_states`, the encoder
   states [B, tokens, width] the ITM rerank fuses.
   """
 
-  def embed_images(params, images):
-    out = model.apply({"params": params}, images, method=model.encode_image)
+  def embed_images(params, images, extra=None):
+    out = model.apply({"params": params}, images, **(extra or {}), method=model.encode_image)
     feat = model.apply({"params": params}, out["states"][:, 0], method=model.project_image)
     return dict(feat=feat, states=out["states"]) if keep_states else dict(feat=feat)
 
@@ -116,27 +133,16 @@ def make_embed_fns(model, *, keep_states: bool):
   return jax.jit(embed_images), jax.jit(embed_texts)
 
 
-def _put_batch(value, mesh: Optional[Mesh]):
-  value = np.asarray(value)
-  if mesh is None:
-    return value
-  return jax.device_put(value, sharding_lib.batch_sharding(mesh, value.ndim))
-
-
-def _check_divisible(size: int, mesh: Optional[Mesh], what: str):
-  if mesh is not None and size % sharding_lib.num_batch_shards(mesh):
-    raise ValueError(f"{what}={size} is not divisible by the {sharding_lib.num_batch_shards(mesh)} batch "
-                     "shards of the mesh")
-
-
-def embed_all(batches: Iterable[dict], embed: Callable[[dict], dict], mesh: Optional[Mesh] = None
-              ) -> tuple[dict[str, jax.Array], np.ndarray]:
+def embed_all(batches: Iterable[dict], embed: Callable[[dict], dict], mesh: Optional[Mesh] = None,
+              bookkeeping: tuple[str, ...] = ("valid",)) -> tuple[dict[str, jax.Array], np.ndarray]:
   """Runs `embed` over fixed-size padded batches and keeps every output on device.
 
   Args:
     batches: dicts with `valid` bool [B] (False on padding rows) and the model inputs.
-    embed: batch -> dict of [B, ...] device arrays.
+    embed: dict of the batch's inputs (every key but `bookkeeping`, put with the batch sharding)
+      -> dict of [B, ...] device arrays.
     mesh: optional; batches are split over its batch axes.
+    bookkeeping: keys that are not sent to the device.
 
   Returns:
     (outputs, rows): outputs[k] [num_batches * B, ...] with padding rows included; rows int
@@ -144,11 +150,9 @@ def embed_all(batches: Iterable[dict], embed: Callable[[dict], dict], mesh: Opti
   """
   parts: dict[str, list[jax.Array]] = {}
   valid = []
-  for batch in batches:
+  for inputs, batch in common.device_batches(batches, None, mesh, "retrieval evaluation", exclude=bookkeeping):
     valid.append(np.asarray(batch["valid"]).astype(bool))
-    _check_divisible(len(valid[-1]), mesh, "eval batch size")
-    out = embed({k: _put_batch(v, mesh) for k, v in batch.items() if k != "valid"})
-    for key, value in out.items():
+    for key, value in common.settle(embed(inputs)).items():
       parts.setdefault(key, []).append(value)
   if not valid:
     raise ValueError("retrieval evaluation: no batches")
@@ -167,12 +171,27 @@ def itc_similarities(image_feat, text_feat, k: int = 0):
     (sims, i2t_top [I, min(k, T)], t2i_top [T, min(k, I)]); the tops are None when k == 0.
     Equal scores keep the lower index first (XLA's TopK).
   """
+  return _itc_similarities(image_feat, text_feat, k)
+
+
+def _itc_similarities(image_feat, text_feat, k: int):
   sims = image_feat.astype(jnp.float32) @ text_feat.astype(jnp.float32).T
   if not k:
     return sims, None, None
   i2t_top = jax.lax.top_k(sims, min(k, sims.shape[1]))[1]
   t2i_top = jax.lax.top_k(sims.T, min(k, sims.shape[0]))[1]
   return sims, i2t_top, t2i_top
+
+
+def _valid_similarities(image_feat, text_feat, image_rows, text_rows, *, k: int, mesh: Optional[Mesh]):
+  """`itc_similarities` of the valid rows; ITC-only: (sims, sims.T), rerank: (sims, tops...).
+
+  The top-k indices are read by the host, so they are replicated.
+  """
+  sims, i2t_top, t2i_top = _itc_similarities(image_feat[image_rows], text_feat[text_rows], k)
+  if not k:
+    return sims, sims.T
+  return sims, common.replicate_output(i2t_top, mesh), common.replicate_output(t2i_top, mesh)
 
 
 def make_pair_score_fn(model):
@@ -192,121 +211,201 @@ def make_pair_score_fn(model):
   return jax.jit(score)
 
 
-def score_pairs(score: Callable, image_rows: np.ndarray, text_rows: np.ndarray, batch_size: int,
-                mesh: Optional[Mesh] = None) -> jax.Array:
-  """`score(image_rows [b], text_rows [b]) -> [b]` over all pairs in fixed-size batches.
-
-  The last batch is padded with copies of pair 0 and cut off. Batches are dispatched without
-  waiting (no host round trip per batch); the result stays on device.
-
-  Returns:
-    float32 [len(image_rows)].
-  """
-  _check_divisible(batch_size, mesh, "ITM batch size")
-  total = len(image_rows)
-  if not total:
-    return jnp.zeros([0], jnp.float32)
-  padded = -(-total // batch_size) * batch_size
-  image_rows = np.pad(np.asarray(image_rows, np.int32), (0, padded - total))
-  text_rows = np.pad(np.asarray(text_rows, np.int32), (0, padded - total))
-  out = [score(_put_batch(image_rows[s:s + batch_size], mesh), _put_batch(text_rows[s:s + batch_size], mesh))
-         for s in range(0, padded, batch_size)]
-  return jnp.concatenate(out)[:total]
-
-
-@jax.jit
-def _scatter_top_k(shape_like, top, values):
-  """[R, C] filled with OUTSIDE_TOP_K except out[r, top[r, j]] = values[r, j]."""
-  rows = jnp.arange(top.shape[0])[:, None]
-  return jnp.full(shape_like.shape, OUTSIDE_TOP_K, jnp.float32).at[rows, top].set(values)
-
-
-def rerank_top_k(sims: jax.Array, i2t_top: np.ndarray, t2i_top: np.ndarray,
-                 pair_scores: Callable[[np.ndarray, np.ndarray], jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """ALBEF's rerank: the top-k of each row rescored, every other entry OUTSIDE_TOP_K (-100).
+def unique_top_k_pairs(i2t_top: np.ndarray, t2i_top: np.ndarray, num_texts: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The distinct (image, text) pairs of both top-k lists, each pair once.
 
   Args:
-    sims: [I, T] ITC similarities (only the shape is used).
-    i2t_top: int [I, k] top texts of each image; t2i_top: int [T, k] top images of each text.
-    pair_scores: (image_idx [n], text_idx [n]) -> ITM logits [n]. It is called once, on the
-      distinct pairs of both directions (a pair in both top-k lists is scored once).
+    i2t_top: int [I, k1] top texts of each image; t2i_top: int [T, k2] top images of each text.
+    num_texts: T.
 
   Returns:
-    (scores_i2t [I, T], scores_t2i [T, I]), float32 on device.
+    (images [n], texts [n], inverse [I * k1 + T * k2]): pair j of the flattened lists
+    (i2t_top row-major, then t2i_top) is (images[inverse[j]], texts[inverse[j]]).
   """
-  num_images, num_texts = sims.shape
   i2t_top, t2i_top = np.asarray(i2t_top, np.int64), np.asarray(t2i_top, np.int64)
-  i2t_keys = np.arange(num_images)[:, None] * num_texts + i2t_top        # [I, k]: image * T + text
-  t2i_keys = t2i_top * num_texts + np.arange(num_texts)[:, None]         # [T, k]
+  i2t_keys = np.arange(len(i2t_top))[:, None] * num_texts + i2t_top    # [I, k1]: image * T + text
+  t2i_keys = t2i_top * num_texts + np.arange(len(t2i_top))[:, None]    # [T, k2]
   unique, inverse = np.unique(np.concatenate([i2t_keys.ravel(), t2i_keys.ravel()]), return_inverse=True)
-  logits = pair_scores(unique // num_texts, unique % num_texts)[jnp.asarray(inverse.astype(np.int32))]
-  split = i2t_keys.size
-  scores_i2t = _scatter_top_k(sims, jnp.asarray(i2t_top), logits[:split].reshape(i2t_top.shape))
-  scores_t2i = _scatter_top_k(sims.T, jnp.asarray(t2i_top), logits[split:].reshape(t2i_top.shape))
-  return scores_i2t, scores_t2i
+  return unique // num_texts, unique % num_texts, inverse.astype(np.int32)
+
+
+def _write_chunk(buffer, values, index, *, mesh: Optional[Mesh]):
+  """buffer [chunks, chunk] with row `index` = values [chunk].
+
+  Each row is split over the mesh's batch axes like the chunk of pair scores written into it,
+  so the write is local to every device (no collective in the per-chunk loop).
+  """
+  out = jax.lax.dynamic_update_index_in_dim(buffer, values.astype(buffer.dtype), index, axis=0)
+  if mesh is None:
+    return out
+  return jax.lax.with_sharding_constraint(out, common.chunk_rows_sharding(mesh))
+
+
+def _top_k_scores(pair_logits, inverse, i2t_top, t2i_top):
+  """ALBEF's rerank matrices from the logits of the distinct pairs.
+
+  Args:
+    pair_logits: float32 [chunks, chunk]; flattened, the ITM logit of distinct pair p at p (rows
+      past n unused).
+    inverse: int [I * k1 + T * k2] from `unique_top_k_pairs`.
+    i2t_top: int [I, k1]; t2i_top: int [T, k2].
+
+  Returns:
+    (scores_i2t [I, T], scores_t2i [T, I]) float32: OUTSIDE_TOP_K (-100) everywhere except
+      scores_i2t[i, i2t_top[i, j]] and scores_t2i[t, t2i_top[t, j]], which get their pair's logit.
+  """
+  num_images, num_texts = i2t_top.shape[0], t2i_top.shape[0]
+  logits = pair_logits.reshape(-1)[inverse]
+  split = i2t_top.size
+
+  def scatter(shape, top, values):
+    rows = jnp.arange(top.shape[0])[:, None]
+    return jnp.full(shape, OUTSIDE_TOP_K, jnp.float32).at[rows, top].set(values)
+
+  return (scatter((num_images, num_texts), i2t_top, logits[:split].reshape(i2t_top.shape)),
+          scatter((num_texts, num_images), t2i_top, logits[split:].reshape(t2i_top.shape)))
+
+
+class Scorer:
+  """The jitted retrieval scoring of one model: built once, reused for every params and split.
+
+  `scores(params, image_batches, text_batches)` gives the score matrices; `recalls` turns them
+  into the metrics. The functions (`functions`, name -> jitted function) see shapes fixed by the
+  split and the batch sizes only: the distinct top-k pairs (their number changes with the
+  params) are scored in fixed-size chunks written into a buffer with room for the most chunks
+  there can be (every pair distinct), so new params never compile anything.
+
+  Args:
+    model: a VLPModel, or any model with encode_image, encode_text, project_image, project_text
+      (and, for the rerank, fuse and itm_logits).
+    k_test: 0 = ITC similarities; > 0 = ALBEF's ITM rerank of the top-k in both directions.
+    itm_batch_size: pairs per jitted ITM call.
+    mesh: optional; batches are split over its batch axes (sizes must divide).
+  """
+
+  def __init__(self, model, *, k_test: int = 0, itm_batch_size: int = 128, mesh: Optional[Mesh] = None):
+    self.model, self.k_test, self.itm_batch_size, self.mesh = model, int(k_test), int(itm_batch_size), mesh
+    if self.k_test < 0:
+      raise ValueError(f"k_test (config.eval.k_test) must be >= 0, got {self.k_test}")
+    embed_images, embed_texts = make_embed_fns(model, keep_states=self.k_test > 0)
+    self.functions = dict(
+        embed_images=embed_images, embed_texts=embed_texts,
+        similarities=jax.jit(functools.partial(_valid_similarities, k=self.k_test, mesh=mesh)),
+        ranks=jax.jit(common.with_replicated_outputs(_ranks_impl, mesh)))
+    if self.k_test:
+      common.check_divisible(self.itm_batch_size, mesh, "ITM batch size")
+      self.functions.update(
+          pair_scores=make_pair_score_fn(model),
+          write_chunk=jax.jit(functools.partial(_write_chunk, mesh=mesh), donate_argnums=0),
+          top_k_scores=jax.jit(_top_k_scores))
+
+  def embed_images(self, params, batches: Iterable[dict]) -> tuple[dict[str, jax.Array], np.ndarray]:
+    """`embed_all` of the image batches: image plus any extra image-side inputs (e.g. concept_ids)."""
+    embed = self.functions["embed_images"]
+    return embed_all(batches, lambda b: embed(params, b.pop("image"), b), self.mesh, IMAGE_BOOKKEEPING)
+
+  def embed_texts(self, params, batches: Iterable[dict]) -> tuple[dict[str, jax.Array], np.ndarray]:
+    """`embed_all` of the caption batches (their mask kept as output `mask`, for the rerank)."""
+    embed = self.functions["embed_texts"]
+    return embed_all(batches, lambda b: dict(embed(params, b["text_ids"], b["text_mask"]), mask=b["text_mask"]),
+                     self.mesh, TEXT_BOOKKEEPING)
+
+  def similarities(self, images: dict, image_rows: np.ndarray, texts: dict, text_rows: np.ndarray):
+    """ITC-only: (scores_i2t, scores_t2i); rerank: (sims [I, T], i2t_top [I, k1], t2i_top [T, k2])."""
+    return self.functions["similarities"](images["feat"], texts["feat"], image_rows.astype(np.int32),
+                                          text_rows.astype(np.int32))
+
+  def rerank(self, params, images: dict, image_rows: np.ndarray, texts: dict, text_rows: np.ndarray,
+             i2t_top: jax.Array, t2i_top: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ALBEF's rerank: the top-k of each row rescored by ITM, every other entry OUTSIDE_TOP_K (-100).
+
+    The distinct pairs of both directions (a pair in both top-k lists is scored once) are scored
+    in `itm_batch_size` chunks, dispatched without waiting for each other; only the top-k
+    indices come to the host (to find the distinct pairs) and only pair indices go back.
+
+    Returns:
+      (scores_i2t [I, T], scores_t2i [T, I]), float32 on device.
+    """
+    fns, mesh, chunk = self.functions, self.mesh, self.itm_batch_size
+    pair_images, pair_texts, inverse = unique_top_k_pairs(np.asarray(i2t_top), np.asarray(t2i_top),
+                                                          len(text_rows))
+    # The states every pair gathers from, replicated once (not once per chunk).
+    image_states, text_states, text_mask = common.put_replicated(
+        (images["states"], texts["states"], texts["mask"]), mesh)
+    _, chunks = common.padded_chunks([image_rows[pair_images].astype(np.int32),
+                                          text_rows[pair_texts].astype(np.int32)], chunk)
+    # Room for the most chunks there can be (every pair distinct): the shapes do not depend on
+    # how many pairs both directions share.
+    most = -(-len(inverse) // chunk)
+    logits = np.zeros([most, chunk], np.float32)
+    logits = jax.device_put(logits, common.chunk_rows_sharding(mesh)) if mesh is not None else jnp.asarray(logits)
+    for n, (image_chunk, text_chunk) in enumerate(chunks):
+      scores = fns["pair_scores"](params, image_states, text_states, text_mask,
+                                  common.put_batch(image_chunk, mesh), common.put_batch(text_chunk, mesh))
+      logits = common.settle(fns["write_chunk"](logits, scores, np.int32(n)))
+    return fns["top_k_scores"](logits, inverse, i2t_top, t2i_top)
+
+  def scores(self, params, image_batches: Iterable[dict], text_batches: Iterable[dict]
+             ) -> tuple[jax.Array, jax.Array]:
+    """(scores_i2t [num_images, num_texts], scores_t2i [num_texts, num_images]) on device.
+
+    Args:
+      params: the model's params, placed as `common.place_params` leaves them.
+      image_batches: dicts image [B, H, W, 3] (+ any extra image-side inputs), valid [B];
+        text_batches: dicts text_ids, text_mask [B, L], valid [B]; both padded to a fixed B
+        (valid rows first in index order).
+    """
+    images, image_rows = self.embed_images(params, image_batches)
+    texts, text_rows = self.embed_texts(params, text_batches)
+    if not self.k_test:
+      return self.similarities(images, image_rows, texts, text_rows)
+    _, i2t_top, t2i_top = self.similarities(images, image_rows, texts, text_rows)
+    return self.rerank(params, images, image_rows, texts, text_rows, i2t_top, t2i_top)
+
+  def recalls(self, scores_i2t, scores_t2i, txt2img, img2txt: list[list[int]]) -> dict[str, float]:
+    """`recall_at_k`'s metrics plus num_images and num_texts (ranks from the jitted `ranks`)."""
+    if scores_i2t.shape != (len(img2txt), len(txt2img)):
+      raise ValueError(f"retrieval evaluation: {scores_i2t.shape[0]} valid images and {scores_i2t.shape[1]} "
+                       f"valid captions in the batches, but the index maps have {len(img2txt)} and {len(txt2img)}")
+    gt_images, gt_captions = _flatten_img2txt(img2txt)
+    ranks = self.functions["ranks"](scores_i2t, scores_t2i, np.asarray(txt2img, np.int32), gt_images, gt_captions)
+    metrics = recalls_from_ranks(*(np.asarray(r) for r in ranks))
+    metrics["num_images"] = float(scores_i2t.shape[0])
+    metrics["num_texts"] = float(scores_i2t.shape[1])
+    return metrics
 
 
 def retrieval_scores(model, params, image_batches: Iterable[dict], text_batches: Iterable[dict], *,
                      k_test: int = 0, itm_batch_size: int = 128, mesh: Optional[Mesh] = None
                      ) -> tuple[jax.Array, jax.Array]:
-  """The score matrices the recalls are computed from.
+  """The score matrices the recalls are computed from (one-off; see `Scorer` to score repeatedly).
 
   Args:
-    model, params: a VLPModel and its params (replicated onto `mesh` when one is given).
-    image_batches: dicts image [B, H, W, 3], valid [B]; text_batches: dicts text_ids,
-      text_mask [B, L], valid [B]; both padded to a fixed B (valid rows first in index order).
-    k_test: 0 = ITC similarities; > 0 = ALBEF's ITM rerank of the top-k in both directions.
-    itm_batch_size: pairs per jitted ITM call.
-    mesh: optional; batches are split over its batch axes (sizes must divide).
+    model, params: a VLPModel and its params (kept in their sharding when on the mesh).
+    image_batches, text_batches: as `Scorer.scores`.
+    k_test, itm_batch_size, mesh: as `Scorer`.
 
   Returns:
     (scores_i2t [num_images, num_texts], scores_t2i [num_texts, num_images]) on device.
   """
-  keep = k_test > 0
-  if mesh is not None:
-    params = jax.device_put(params, sharding_lib.replicated(mesh))
-  embed_images, embed_texts = make_embed_fns(model, keep_states=keep)
-  images, image_rows = embed_all(image_batches, lambda b: embed_images(params, b["image"]), mesh)
-  texts, text_rows = embed_all(text_batches, lambda b: dict(embed_texts(params, b["text_ids"], b["text_mask"]),
-                                                              mask=b["text_mask"]), mesh)
-  image_feat = images["feat"][jnp.asarray(image_rows)]
-  text_feat = texts["feat"][jnp.asarray(text_rows)]
-  sims, i2t_top, t2i_top = itc_similarities(image_feat, text_feat, k=int(k_test))
-  if not keep:
-    return sims, sims.T
-  score = make_pair_score_fn(model)
-  if mesh is not None:
-    replicate = functools.partial(jax.device_put, device=sharding_lib.replicated(mesh))
-    images["states"], texts["states"], texts["mask"] = map(replicate, (images["states"], texts["states"],
-                                                                        texts["mask"]))
-
-  def pair_scores(image_idx, text_idx):
-    return score_pairs(
-        lambda i, t: score(params, images["states"], texts["states"], texts["mask"], i, t),
-        image_rows[image_idx], text_rows[text_idx], itm_batch_size, mesh)
-
-  return rerank_top_k(sims, np.asarray(i2t_top), np.asarray(t2i_top), pair_scores)
+  scorer = Scorer(model, k_test=k_test, itm_batch_size=itm_batch_size, mesh=mesh)
+  return scorer.scores(common.place_params(params, mesh), image_batches, text_batches)
 
 
 def evaluate(model, params, image_batches: Iterable[dict], text_batches: Iterable[dict],
              txt2img: np.ndarray, img2txt: list[list[int]], *, k_test: int = 0,
              itm_batch_size: int = 128, mesh: Optional[Mesh] = None) -> dict[str, float]:
-  """Zero-shot / fine-tuned retrieval metrics for `params` on an eval split.
+  """Zero-shot / fine-tuned retrieval metrics for `params` on an eval split (one-off).
 
   Inputs as `retrieval_scores`; txt2img [num_texts] and img2txt as `recall_at_k`.
 
   Returns:
     `recall_at_k`'s metrics plus num_images and num_texts.
   """
-  scores_i2t, scores_t2i = retrieval_scores(model, params, image_batches, text_batches, k_test=k_test,
-                                            itm_batch_size=itm_batch_size, mesh=mesh)
-  if scores_i2t.shape != (len(img2txt), len(txt2img)):
-    raise ValueError(f"retrieval evaluation: {scores_i2t.shape[0]} valid images and {scores_i2t.shape[1]} "
-                     f"valid captions in the batches, but the index maps have {len(img2txt)} and {len(txt2img)}")
-  metrics = recall_at_k(scores_i2t, scores_t2i, txt2img, img2txt)
-  metrics["num_images"] = float(scores_i2t.shape[0])
-  metrics["num_texts"] = float(scores_i2t.shape[1])
-  return metrics
+  scorer = Scorer(model, k_test=k_test, itm_batch_size=itm_batch_size, mesh=mesh)
+  scores = scorer.scores(common.place_params(params, mesh), image_batches, text_batches)
+  return scorer.recalls(*scores, txt2img, img2txt)
 
 
 # ----------------------------------------------------------------------------- evaluator contract
@@ -315,15 +414,33 @@ EVAL_KEYS = ("k_test",)
 METRIC_ORDER = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
 
+class Evaluator(common.Evaluator):
+  """Retrieval metrics on `config.eval.split` of `config.input`: eval data and `Scorer` built once.
+
+  `config.eval`: batch_size (images / captions per embedding batch, and pairs per ITM batch),
+  k_test (0 = ITC only). Every process embeds the whole (small) split, so the scores need no
+  gathering. `data`: optional eval data with the `builder.make_eval_dataset` contract.
+  """
+
+  def make_functions(self):
+    self.scorer = Scorer(self.model, k_test=int(self.config.eval.get("k_test", 0)),
+                         itm_batch_size=self.batch_size, mesh=self.mesh)
+    return self.scorer.functions
+
+  def make_data(self):
+    from input_pipeline import builder
+    return builder.make_eval_dataset(self.config.input, split=self.config.eval.split,
+                                     batch_size=self.batch_size, process_index=0, process_count=1)
+
+  def evaluate(self, params) -> dict[str, float]:
+    data = self.data
+    scores = self.scorer.scores(params, data.image_batches(), data.text_batches())
+    return self.scorer.recalls(*scores, data.txt2img, data.img2txt)
+
+
 def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, float]:
-  """Retrieval metrics of `params` on `config.eval.split` of `config.input` (evaluator contract)."""
-  from input_pipeline import builder
-  batch_size = int(config.eval.batch_size)
-  # Every process embeds the whole (small) eval split, so the scores need no gathering.
-  data = builder.make_eval_dataset(config.input, split=config.eval.split, batch_size=batch_size,
-                                   process_index=0, process_count=1)
-  return evaluate(model, params, data.image_batches(), data.text_batches(), data.txt2img, data.img2txt,
-                  k_test=int(config.eval.get("k_test", 0)), itm_batch_size=batch_size, mesh=mesh)
+  """One-off `Evaluator(config, model, mesh)(params)` (evaluator contract)."""
+  return Evaluator(config, model, mesh)(params)
 
 
 def format_results(results: dict[str, float]) -> str:

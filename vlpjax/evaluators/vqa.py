@@ -10,7 +10,8 @@ Prediction (METHODS.md §1.4):
   is the best-scoring candidate.
   classify mode: argmax of the classifier head; class c is `answer_list[c]`.
 Everything runs in fixed-shape jitted batches; only the chosen candidate index per question
-comes back to the host, once, at the end.
+comes back to the host, once, at the end. An `Evaluator` builds the data, the jitted predict and
+the replicated candidates once and reuses them at every evaluation.
 
 Accuracy (`vqa_accuracy`, `config.eval.vqa_metric`), per question, with 10 ground-truth answers:
   acc = (1 / 10) sum_i min(1, #{j != i : gt_j == prediction} / 3)
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from vlpjax import sharding as sharding_lib
+from vlpjax.evaluators import common
 from vlpjax.objectives import vqa as vqa_objectives
 
 # ----------------------------------------------------------------------------- official normalisation
@@ -240,12 +241,13 @@ def rank_candidates(decode: Decode, q_states: jax.Array, q_mask: jax.Array, cand
   return best.astype(jnp.int32), top_idx, scores
 
 
-def make_predict_fn(model, *, k_test: int = 128, rank_fix: bool = False):
+def make_predict_fn(model, *, k_test: int = 128, rank_fix: bool = False, mesh: Optional[Mesh] = None):
   """Jitted predict(params, image, text_ids, text_mask, candidate_ids, candidate_mask) -> int32 [B].
 
   The answer index of every question of the batch: into the candidates (generate mode, by
   `rank_candidates`) or into the classifier's answers (classify mode; the candidates are unused).
-  Memory of the rescoring pass: B * k_test * La * V float32 logits.
+  Memory of the rescoring pass: B * k_test * La * V float32 logits. With a `mesh` the answers are
+  replicated, so every process can read them.
   """
   mode = model.config.vqa_mode
 
@@ -262,56 +264,22 @@ def make_predict_fn(model, *, k_test: int = 128, rank_fix: bool = False):
     return rank_candidates(decode, q_states, text_mask, candidate_ids, candidate_mask, k=k_test,
                            rank_fix=rank_fix)[0]
 
-  return jax.jit(predict)
+  return jax.jit(common.with_replicated_outputs(predict, mesh))
 
 
-def _put(value, sharding):
-  value = np.asarray(value)
-  return value if sharding is None else jax.device_put(value, sharding)
+BATCH_KEYS = ("image", "text_ids", "text_mask")
 
 
-def predict_answers(model, params, batches, candidate_ids: np.ndarray, candidate_mask: np.ndarray,
-                    num_questions: int, *, k_test: int = 128, rank_fix: bool = False,
-                    mesh: Optional[Mesh] = None) -> np.ndarray:
-  """The predicted answer index of every question of an eval split.
-
-  Args:
-    model, params: a VQAModel and its params (replicated onto `mesh` when one is given).
-    batches: fixed-size dicts image [B,H,W,3], text_ids / text_mask [B,Lq], index int [B] (the
-      question row, -1 on padding), valid bool [B].
-    candidate_ids, candidate_mask: int [C, La] tokenised candidate answers (generate mode).
-    num_questions: the number of question rows.
-    k_test, rank_fix: see `rank_candidates`.
-    mesh: optional; batches are split over its batch axes, the rest replicated.
-
-  Returns:
-    int [num_questions] answer index per question row.
-
-  Raises:
-    ValueError: a question row missing from, or repeated in, the batches.
-  """
-  replicated = sharding_lib.replicated(mesh) if mesh is not None else None
-  if mesh is not None:
-    params = jax.device_put(params, replicated)
-  candidate_ids, candidate_mask = _put(candidate_ids, replicated), _put(candidate_mask, replicated)
-  predict = make_predict_fn(model, k_test=k_test, rank_fix=rank_fix)
+def _predict_answers(predict, params, batches, candidates, num_questions: int, mesh: Optional[Mesh]
+                     ) -> np.ndarray:
+  """`predict_answers` with a given jitted `predict`, placed params and placed candidates."""
   predicted, rows = [], []
-  for batch in batches:
-    valid = np.asarray(batch["valid"]).astype(bool)
-    if mesh is not None and len(valid) % sharding_lib.num_batch_shards(mesh):
-      raise ValueError(f"VQA eval batch size {len(valid)} is not divisible by the "
-                       f"{sharding_lib.num_batch_shards(mesh)} batch shards of the mesh")
-
-    def put(key):
-      value = np.asarray(batch[key])
-      return _put(value, sharding_lib.batch_sharding(mesh, value.ndim) if mesh is not None else None)
-
-    predicted.append(predict(params, put("image"), put("text_ids"), put("text_mask"), candidate_ids,
-                             candidate_mask))
-    rows.append(np.where(valid, np.asarray(batch["index"]), -1))
+  for inputs, batch in common.device_batches(batches, BATCH_KEYS, mesh, "VQA evaluation", host_keys=("index",)):
+    predicted.append(common.settle(predict(params, *(inputs[k] for k in BATCH_KEYS), *candidates)))
+    rows.append(np.where(np.asarray(batch["valid"]).astype(bool), np.asarray(batch["index"]), -1))
   if not predicted:
     raise ValueError("VQA evaluation: no batches")
-  predicted = np.asarray(jax.device_get(jnp.concatenate(predicted)))
+  predicted = np.concatenate([np.asarray(p) for p in predicted])
   rows = np.concatenate(rows)
   keep = rows >= 0
   answers = np.full([num_questions], -1, np.int64)
@@ -322,6 +290,31 @@ def predict_answers(model, params, batches, candidate_ids: np.ndarray, candidate
                      f"{len(counts)} rows")
   answers[rows[keep]] = predicted[keep]
   return answers
+
+
+def predict_answers(model, params, batches, candidate_ids: np.ndarray, candidate_mask: np.ndarray,
+                    num_questions: int, *, k_test: int = 128, rank_fix: bool = False,
+                    mesh: Optional[Mesh] = None) -> np.ndarray:
+  """The predicted answer index of every question of an eval split (one-off; see `Evaluator`).
+
+  Args:
+    model, params: a VQAModel and its params (kept in their sharding when on the mesh).
+    batches: fixed-size dicts image [B,H,W,3], text_ids / text_mask [B,Lq], index int [B] (the
+      question row, -1 on padding), valid bool [B].
+    candidate_ids, candidate_mask: int [C, La] tokenised candidate answers (generate mode).
+    num_questions: the number of question rows.
+    k_test, rank_fix: see `rank_candidates`.
+    mesh: optional; batches are split over its batch axes, the candidates replicated.
+
+  Returns:
+    int [num_questions] answer index per question row.
+
+  Raises:
+    ValueError: a question row missing from, or repeated in, the batches.
+  """
+  predict = make_predict_fn(model, k_test=k_test, rank_fix=rank_fix, mesh=mesh)
+  candidates = common.put_replicated((np.asarray(candidate_ids), np.asarray(candidate_mask)), mesh)
+  return _predict_answers(predict, common.place_params(params, mesh), batches, candidates, num_questions, mesh)
 
 
 def write_predictions(path: str, question_ids: Sequence[int], answers: Sequence[str]) -> None:
@@ -336,34 +329,53 @@ def write_predictions(path: str, question_ids: Sequence[int], answers: Sequence[
 EVAL_KEYS = ("k_test", "predictions", "rank_fix", "vqa_metric")
 
 
-def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, float]:
-  """VQA accuracy of `params` on `config.eval.split` of `config.input` (evaluator contract).
+class Evaluator(common.Evaluator):
+  """VQA accuracy on `config.eval.split` of `config.input`: data, candidates and `predict` built once.
 
   `config.eval`: k_test (candidates rescored per question, ALBEF 128; 0 = all; generate mode),
-  predictions (a path: write the EvalAI result JSON there; "" = don't), rank_fix (bool, default
-  False = ALBEF's scoring), vqa_metric ('official', default, or 'albef2016'; see
-  `vqa_accuracy`). Splits without ground-truth answers (test) give only the question
-  counts; their predictions file is what the EvalAI server scores.
+  predictions (a path: write the EvalAI result JSON there at every evaluation; "" = don't),
+  rank_fix (bool, default False = ALBEF's scoring), vqa_metric ('official', default, or 'albef2016';
+  see `vqa_accuracy`). Splits without ground-truth answers (test)
+  give only the question counts; their predictions file is what the EvalAI server scores.
+  `data`: optional eval data with the `tasks.make_eval_data` contract for VQA.
   """
-  metric = check_metric(config.eval.get("vqa_metric", "official"))  # before any compute
-  from input_pipeline import tasks
-  data = tasks.make_eval_data(config.input, split=config.eval.split, batch_size=int(config.eval.batch_size))
-  num_questions = len(data.question_ids)
-  if model.config.vqa_mode == "classify" and len(data.answer_list) != model.config.num_answers:
-    raise ValueError(f"VQA classify mode: the eval data's answer_list has {len(data.answer_list)} answers "
-                     f"but config.model.num_answers is {model.config.num_answers}")
-  if model.config.vqa_mode == "classify":  # the candidates are not read; any fixed shape will do
-    candidate_ids = candidate_mask = np.zeros((1, 2), np.int32)
-  else:
-    candidate_ids, candidate_mask = data.candidate_ids, data.candidate_mask
-  indices = predict_answers(model, params, data.batches(), candidate_ids, candidate_mask, num_questions,
-                            k_test=int(config.eval.get("k_test", 128)),
-                            rank_fix=bool(config.eval.get("rank_fix", False)), mesh=mesh)
-  answers = [data.answer_list[i] for i in indices]
-  path = config.eval.get("predictions", "")
-  if path and jax.process_index() == 0:
-    write_predictions(path, data.question_ids, answers)
-  return accuracy_metrics(answers, data.answers, getattr(data, "answer_types", None), metric)
+
+  def make_functions(self):
+    self._metric = check_metric(self.config.eval.get("vqa_metric", "official"))  # before any compute
+    self._predict = make_predict_fn(self.model, k_test=int(self.config.eval.get("k_test", 128)),
+                                    rank_fix=bool(self.config.eval.get("rank_fix", False)), mesh=self.mesh)
+    return dict(predict=self._predict)
+
+  def make_data(self):
+    from input_pipeline import tasks
+    return tasks.make_eval_data(self.config.input, split=self.config.eval.split, batch_size=self.batch_size)
+
+  def prepare(self):
+    """Checks the answers against the model and puts the candidate answers on device, replicated."""
+    data, model_config = self.data, self.model.config
+    if model_config.vqa_mode == "classify" and len(data.answer_list) != model_config.num_answers:
+      raise ValueError(f"VQA classify mode: the eval data's answer_list has {len(data.answer_list)} answers "
+                       f"but config.model.num_answers is {model_config.num_answers}")
+    if model_config.vqa_mode == "classify":  # the candidates are not read; any fixed shape will do
+      candidates = (np.zeros((1, 2), np.int32), np.zeros((1, 2), np.int32))
+    else:
+      candidates = (np.asarray(data.candidate_ids), np.asarray(data.candidate_mask))
+    self._candidates = common.put_replicated(candidates, self.mesh)
+
+  def evaluate(self, params) -> dict[str, float]:
+    data = self.data
+    indices = _predict_answers(self._predict, params, data.batches(), self._candidates,
+                               len(data.question_ids), self.mesh)
+    answers = [data.answer_list[i] for i in indices]
+    path = self.config.eval.get("predictions", "")
+    if path and jax.process_index() == 0:
+      write_predictions(path, data.question_ids, answers)
+    return accuracy_metrics(answers, data.answers, getattr(data, "answer_types", None), self._metric)
+
+
+def run(config, model, params, *, mesh: Optional[Mesh] = None) -> dict[str, float]:
+  """One-off `Evaluator(config, model, mesh)(params)` (evaluator contract)."""
+  return Evaluator(config, model, mesh)(params)
 
 
 def format_results(results: dict[str, float]) -> str:
