@@ -26,7 +26,7 @@ def get_config(arg: str = ""):
                        "|tokenize({max_len})|mask_tokens({mlm_prob})")
     config.input.batch_pp = ""
   else:
-    # ALBEF's pretraining transform (METHODS.md §1.3); the caption is tokenized and MLM-masked
+    # ALBEF's pretraining transform (docs/method_spec.md §1.3); the caption is tokenized and MLM-masked
     # per batch (one tokenizer call per batch; masks drawn from the batch seed).
     config.input.pp = ("decode_random_resized_crop({image_size}, scale=(0.2, 1.0))|flip|randaug(2, 7)"
                        "|normalize('clip')|choose_caption|clean_caption({caption_max_words})")

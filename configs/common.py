@@ -77,7 +77,7 @@ def demo_optim(lr: float = 1e-3) -> dict:
 
 
 def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-  """The ALBEF 4M recipe (METHODS.md §1.3), shrunk by `tiny` / `demo`. Returns (config, args)."""
+  """The ALBEF 4M recipe (docs/method_spec.md §1.3), shrunk by `tiny` / `demo`. Returns (config, args)."""
   from input_pipeline import inputs  # input blocks live beside the pipeline they configure
   args = parse_arg(arg, steps=0, batch=0, res=0, **arg_defaults)
   c = ml_collections.ConfigDict()
@@ -160,7 +160,7 @@ def finetune_config(arg: str, *, fmt: str, kind: str, objectives: dict, eval_kin
                     max_len: int, lr: float, epochs: int, batch: int, num_train_examples: int,
                     warmup_steps: int = 100, heads: tuple = (),
                     ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-  """A downstream-task finetuning config (ALBEF's protocols, METHODS.md §1.4).
+  """A downstream-task finetuning config (ALBEF's protocols, docs/method_spec.md §1.4).
 
   `arg` as `base_config`: "" = the full recipe on real data given by path (JSON of the task's
   format + image root), "demo" = the task's demo dataset on the demo model (minutes on a CPU),

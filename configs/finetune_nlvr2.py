@@ -1,4 +1,4 @@
-"""NLVR2 finetuning with ALBEF's text-assignment (TA) pre-step (METHODS.md §1.4), as two stages
+"""NLVR2 finetuning with ALBEF's text-assignment (TA) pre-step (docs/method_spec.md §1.4), as two stages
 of one run:
 
   stage `ta`       the NLVR model (fusion widened to two layers per pretrained fusion layer, the

@@ -1,4 +1,4 @@
-"""Image-text retrieval fine-tuning and evaluation (ALBEF, METHODS.md §1.4): ITC with image-id
+"""Image-text retrieval fine-tuning and evaluation (ALBEF, docs/method_spec.md §1.4): ITC with image-id
 aware positives (batch and idx queue) + ITM with hard negatives, no MLM; evaluation = ITC
 similarities of all pairs, then the ITM "match" logit on the top-k of each image and of each
 caption (-100 elsewhere), TR/IR@1/5/10 and r_mean.

@@ -1,4 +1,4 @@
-"""SNLI-VE visual entailment finetuning (ALBEF, METHODS.md §1.4): a 3-way MLP head
+"""SNLI-VE visual entailment finetuning (ALBEF, docs/method_spec.md §1.4): a 3-way MLP head
 (Dense 768 -> ReLU -> Dense 3) on the fusion [CLS], cross-entropy with momentum distillation
 (alpha 0.4, no alpha warm-up), accuracy on val / test. ALBEF 4M: 80.80 val / 80.91 test.
 

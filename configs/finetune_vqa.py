@@ -1,4 +1,4 @@
-"""VQA v2 finetuning (ALBEF, METHODS.md §1.4): the question is fused with the image by the
+"""VQA v2 finetuning (ALBEF, docs/method_spec.md §1.4): the question is fused with the image by the
 pretrained encoder; an answer decoder (6 BERT layers with causal self-attention and
 cross-attention to the fused question, initialised from the pretrained fusion layers, text
 embeddings and MLM head) is trained on the weighted answer likelihood (weight = fraction of

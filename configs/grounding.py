@@ -1,4 +1,4 @@
-"""Weakly-supervised visual grounding on RefCOCO+ (ALBEF, METHODS.md §1.4, Appendix G):
+"""Weakly-supervised visual grounding on RefCOCO+ (ALBEF, docs/method_spec.md §1.4, Appendix G):
 finetune ITC (image-id positives) + ITM on expression-image pairs, then localise each
 expression with Grad-CAM of the ITM "match" logit on the cross-attention of the 3rd fusion layer
 (`eval.gradcam_layer`, 0-based 2 = BERT layer 8), averaged over heads and text tokens, and rank

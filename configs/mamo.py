@@ -1,6 +1,6 @@
 """MAMO (Zhao et al., SIGIR 2023): masked multimodal modeling with implicit and explicit targets.
 
-No reference code was released; this follows the reconstruction in METHODS.md §3.2. On top of
+No reference code was released; this follows the reconstruction in docs/method_spec.md §3.2. On top of
 ALBEF's ITC and ITM on the clean pair, one *jointly masked* pass (image patches replaced by a
 learned mask embedding, text tokens masked 80/10/10) of the single-stream (`merged`) fusion
 encoder is trained with:
@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
                        "|tokenize({max_len})|mask_tokens({mlm_prob})|" + MASK_PATCHES)
     config.input.batch_pp = ""
   else:
-    # ALBEF's pretraining transform (METHODS.md §1.3) and the patch mask per example; the
+    # ALBEF's pretraining transform (docs/method_spec.md §1.3) and the patch mask per example; the
     # caption is tokenized and MLM-masked per batch.
     config.input.pp = ("decode_random_resized_crop({image_size}, scale=(0.2, 1.0))|flip|randaug(2, 7)"
                        "|normalize('clip')|choose_caption|clean_caption({caption_max_words})|" + MASK_PATCHES)

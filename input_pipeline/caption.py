@@ -6,7 +6,7 @@ Examples carry `image` (bytes), `image_id` and `captions` (string [k]); the ops 
 and tokenize one caption per image.
 
 Default training ops (used when `config.input.pp` is ''): ALBEF's pretraining transform
-(METHODS.md §1.3), the caption tokenized and MLM-masked per batch (`DEFAULT_OPS`).
+(docs/method_spec.md §1.3), the caption tokenized and MLM-masked per batch (`DEFAULT_OPS`).
 
 Eval data: `EvalData`, every image of a split with the eval image ops, and every caption
 tokenized, with the image <-> caption index maps the retrieval metrics need.

@@ -1,4 +1,4 @@
-r"""ViCHA's visual concepts (METHODS.md §2.3): a noun vocabulary from the captions, then the k
+r"""ViCHA's visual concepts (docs/method_spec.md §2.3): a noun vocabulary from the captions, then the k
 vocabulary words CLIP finds closest to each image, written as `kwords` into ALBEF-format JSON.
 
     # 1. vocabulary: nouns of every caption (spaCy), lemmatised, lower-cased, count > min_count
@@ -618,4 +618,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from vlpjax import cli
+  cli.run(main)

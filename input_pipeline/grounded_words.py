@@ -7,7 +7,7 @@ image corpus, the words of a sentence that name a concept, and their token spans
         --output=cc3m_grounded.json
     python -m input_pipeline.grounded_words demo --output_dir=/tmp/vlmixer_demo
 
-Concepts (METHODS.md 4.2 A/B). The names of the image corpus's objects: COCO instance categories
+Concepts (docs/method_spec.md 4.2 A/B). The names of the image corpus's objects: COCO instance categories
 (kept with >= --coco_min_instances instances, default 1), Visual Genome object names (>=
 --vg_min_instances, default 50), the demo set's shapes (with their caption synonyms as aliases:
 "disk" is a circle, "plus sign" a cross) and, by default, its colour-shape pairs ("red circle").
@@ -485,9 +485,9 @@ def run(argv, fv):
 
 
 def main():
-  from absl import app  # pylint: disable=import-outside-toplevel
+  from vlpjax import cli  # pylint: disable=import-outside-toplevel
   fv = define_flags()
-  app.run(lambda argv: run(argv, fv))
+  cli.run(lambda argv: run(argv, fv))
 
 
 if __name__ == "__main__":

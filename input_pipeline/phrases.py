@@ -780,9 +780,9 @@ def run(argv, flag_values):
 
 
 def main():
-  from absl import app  # pylint: disable=import-outside-toplevel
+  from vlpjax import cli  # pylint: disable=import-outside-toplevel
   flag_values = define_flags()
-  app.run(lambda argv: run(argv, flag_values))
+  cli.run(lambda argv: run(argv, flag_values))
 
 
 if __name__ == "__main__":

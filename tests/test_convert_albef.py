@@ -1,4 +1,4 @@
-"""ALBEF / ViCHA importer: state dicts built here from the documented key layout (METHODS.md §1.5,
+"""ALBEF / ViCHA importer: state dicts built here from the documented key layout (docs/method_spec.md §1.5,
 §2.5) convert with every key accounted for, and the converted model computes what the PyTorch
 model computes (a float64 NumPy re-implementation of ALBEF's forward read from the torch keys).
 """

@@ -139,3 +139,12 @@ def test_sharding_overview_of_bare_shardings():
   assert lines[1].split() == ["kernel", "-", "P(None,", "'fsdp')", "-"]
   assert lines[2].split() == ["temp", "-", "P()", "-"]
   assert lines[3] == "2 arrays"
+
+
+def test_check_finite_window_names_first_bad_step_and_objective():
+  window = [(4, {"loss": jnp.float32(1.0), "itc/loss": 0.5}),
+            (5, {"loss": jnp.float32(jnp.nan), "itc/loss": 0.5, "mrm/loss": np.nan, "mim/loss": np.inf}),
+            (6, {"loss": jnp.float32(jnp.nan), "itc/loss": np.nan})]
+  metrics.check_finite_window(window[:1])
+  with pytest.raises(FloatingPointError, match=r"step 5, first in objective 'mrm'"):
+    metrics.check_finite_window(window)

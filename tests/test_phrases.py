@@ -226,7 +226,7 @@ def test_counts_are_per_sentence_and_the_threshold_keeps_frequent_phrases():
 
 
 def test_mvptr_vocabulary_table_size():
-  """METHODS.md Appendix E 13: 73,599 phrases from 30522 give a 104,121-row table."""
+  """docs/method_spec.md Appendix E 13: 73,599 phrases from 30522 give a 104,121-row table."""
   vocab = phrases.PhraseVocab({("p", str(i)): 30522 + i for i in range(73_599)})
   assert vocab.table_size == 104_121 and vocab.id_offset == 30522
 

@@ -25,6 +25,7 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 from etils import epath
 import jax
 import numpy as np
@@ -209,11 +210,97 @@ class Checkpointer:
     self.close()
 
 
-def export_params(params, directory):
-  """Writes `params` alone as an Orbax PyTree checkpoint at `directory` (replacing it)."""
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def export_params(params, directory, model_config=None):
+  """Writes `params` alone as an Orbax PyTree checkpoint at `directory` (replacing it), and the
+  `config.model` they belong to beside it (`<directory>.model_config.json`), for `init_from`'s
+  architecture check."""
+  directory = _abspath(directory)
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-  checkpointer.save(_abspath(directory), args=ocp.args.StandardSave(params), force=True)
+  checkpointer.save(directory, args=ocp.args.StandardSave(params), force=True)
   checkpointer.close()
+  if model_config is not None and jax.process_index() == 0:
+    model = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    (directory.parent / f"{directory.name}.{MODEL_CONFIG_FILE}").write_text(json.dumps(model, indent=1, default=str))
+
+
+def stored_model_config(path) -> dict | None:
+  """The `config.model` a checkpoint was trained or converted with, when it says: an export's
+  `<dir>.model_config.json`, a train checkpoint's meta config, a converter directory's
+  `conversion.json`. None when it does not say."""
+  path = _abspath(path)
+  sidecar = path.parent / f"{path.name}.{MODEL_CONFIG_FILE}"
+  if sidecar.exists():
+    return json.loads(sidecar.read_text())
+  conversion = path / "conversion.json"
+  if conversion.exists():
+    return json.loads(conversion.read_text()).get("model_config")
+  try:
+    root, step = locate_checkpoint(path)
+  except (FileNotFoundError, ValueError):
+    return None
+  meta = root / str(step) / _META / "metadata"
+  if meta.exists():
+    return (json.loads(meta.read_text()).get("config") or {}).get("model")
+  return None
+
+
+# Architecture fields a checkpoint and a config must agree on for `init_from` (task fields,
+# heads and dtype may differ: a finetune adds or drops heads).
+_ARCHITECTURE = {
+    "": ("fusion", "embed_dim"),
+    "vision": ("patch_size", "width", "depth", "num_heads", "mlp_ratio"),
+    "text": ("vocab_size", "width", "num_heads", "mlp_dim", "text_layers", "fusion_layers"),
+}
+
+
+def model_mismatches(stored: dict, wanted) -> list[str]:
+  """`config.model.<field>: checkpoint X, config Y` for each architecture field that differs
+  (fields the stored config lacks are not compared)."""
+  wanted = wanted.to_dict() if hasattr(wanted, "to_dict") else dict(wanted)
+  out = []
+  for section, names in _ARCHITECTURE.items():
+    have = stored.get(section, {}) if section else stored
+    want = wanted.get(section, {}) if section else wanted
+    for name in names:
+      if isinstance(have, dict) and name in have and name in want and have[name] != want[name]:
+        key = f"{section}.{name}" if section else name
+        out.append(f"config.model.{key}: checkpoint {have[name]!r}, config {want[name]!r}")
+  have_tokens = (stored.get("image_tokens") or {}).get("kind", "") if isinstance(stored.get("image_tokens"), dict) else ""
+  want_tokens = (wanted.get("image_tokens") or {}).get("kind", "") if isinstance(wanted.get("image_tokens"), dict) else ""
+  if "image_tokens" in stored and have_tokens != want_tokens:
+    out.append(f"config.model.image_tokens.kind: checkpoint {have_tokens!r}, config {want_tokens!r}")
+  return out
+
+
+def check_model_compatible(path, model_config, *, allow: bool = False) -> None:
+  """Refuses an `init_from` checkpoint whose architecture differs from `config.model`.
+
+  Loading such a checkpoint silently re-initialises the mismatched parts (e.g. a `merged`-fusion
+  MAMO export into a `cross`-fusion finetune loses every fusion layer's cross-attention), so the
+  run stops and says which fields differ and how to fit them, unless `allow`
+  (`--config.init_from.allow_mismatch=True`) accepts it with a warning.
+  """
+  stored = stored_model_config(path)
+  if not stored:
+    return
+  mismatches = model_mismatches(stored, model_config)
+  if not mismatches:
+    return
+  fix = ", ".join(f"--{m.split(':')[0]}={_flag_value(m)}" for m in mismatches)
+  message = (f"init_from {path}: the checkpoint's model differs from this config's ({'; '.join(mismatches)}). "
+             f"A config that fits sets {fix}; or accept the partial load with "
+             "--config.init_from.allow_mismatch=True")
+  if not allow:
+    raise ValueError(message)
+  logging.warning("%s (allowed)", message)
+
+
+def _flag_value(mismatch: str) -> str:
+  value = mismatch.split("checkpoint ", 1)[1].split(", config", 1)[0]
+  return value.strip("'")
 
 
 def _params_location(path: epath.Path) -> tuple[epath.Path, str | None]:

@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any, Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 if __name__ == "__main__":
   # Flags exist only when this module is the program, so importing it (tests, notebooks)
@@ -127,4 +127,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from vlpjax import cli
+  cli.run(main)

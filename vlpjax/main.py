@@ -1,12 +1,26 @@
-"""Entry point: `python -m vlpjax.main --config=configs/mamo.py[:ARG] --workdir=DIR [--config.x.y=v]`.
+"""Pretraining and finetuning: `python -m vlpjax.main --config=CONFIG[:ARG] --workdir=DIR [--config.x.y=V ...]`.
+
+CONFIG is a file of configs/ (found from any directory). ARG picks a size: nothing = the full
+recipe on your data (given by path, e.g. --config.input.annotations=coco.json
+--config.input.image_root=/data/images --config.input.tokenizer.path=vocab.txt), `demo` =
+minutes on a CPU on the embedded demo data, `tiny` = the tests' seconds-long run; `,key=value`
+pairs vary it (`demo,steps=300`, `res=384,batch=64`). Any field is overridden with
+--config.<path>=<value> (e.g. --config.batch_size=256 --config.objectives.itc.queue_size=0).
+
+Rerunning the command resumes from the workdir's last checkpoint. SIGTERM or Ctrl-C finish the
+current step, write a checkpoint and exit (status 128 + signal); the rerun resumes exactly.
+Config and data errors end in one line (--debug shows the traceback).
 
 Run the same command on every host of a TPU pod slice or GPU cluster: with several processes
 configured (TPU metadata, SLURM, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID environment variables) `jax.distributed.initialize()` connects them first.
 """
 import os
+import signal
+import sys
+import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 if __name__ == "__main__":
   # Flags exist only when this module is the program, so importing it (tests, notebooks)
@@ -50,6 +64,7 @@ class _QuietLibraries(logging.logging.Filter):
 
 def main(argv):
   del argv
+  start = time.time()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Validate before TensorFlow or JAX touch any device: a bad key fails in milliseconds.
   from vlpjax import config_lib
@@ -63,9 +78,35 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
-    shown = {k: round(v, 4) for k, v in results.items() if isinstance(v, float) and k.startswith("eval/")}
-    print(f"final step {results.get('step')}: {shown}")
+    print(summary(results, time.time() - start, FLAGS.workdir))
+  if results.get("stopped_by"):
+    sys.exit(128 + int(getattr(signal, results["stopped_by"])))
+
+
+def summary(results: dict, seconds: float, workdir: str) -> str:
+  """The closing lines: what happened, the eval numbers, the wall time."""
+  step = results.get("step")
+  if results.get("complete"):
+    head = f"run already complete at step {step}; nothing to do ({workdir})"
+  elif results.get("stopped_by"):
+    head = f"stopped by {results['stopped_by']} at step {step}; the rerun of this command resumes from there"
+  else:
+    head = f"finished at step {step} ({workdir})"
+  lines = [head]
+  prefixes = sorted({k.split("/")[0] for k in results if k.startswith("eval")})
+  for prefix in prefixes:
+    shown = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith(prefix + "/") and isinstance(v, float)}
+    if "r_mean" in shown:
+      keys = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+      lines.append(f"{prefix}: " + ", ".join(f"{k}={shown[k]:.2f}" for k in keys if k in shown)
+                   + (f" ({int(shown.get('num_images', 0))} images, {int(shown.get('num_texts', 0))} captions)"
+                      if "num_images" in shown else ""))
+    else:
+      lines.append(f"{prefix}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())))
+  lines.append(f"wall time {seconds / 60:.1f} min")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from vlpjax import cli
+  cli.run(main, __doc__ + "\nConfigs:\n" + cli.config_listing())

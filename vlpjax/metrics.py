@@ -12,19 +12,17 @@ import numpy as np
 
 
 def create_writer(workdir, *, process_index: int, collection: str | None = None):
-  """A clu metric writer: TensorBoard event files under `workdir` plus absl logging.
+  """A clu metric writer of TensorBoard event files under `workdir` (or `workdir/<collection>`).
 
-  Only process 0 writes event files (every process computes the same global metrics);
-  other processes only log. Writes happen on a background thread; call `flush()` to be sure
-  they are on disk and `close()` at the end.
-
-  Args:
-    workdir: the run directory; event files go to `workdir` or `workdir/<collection>`.
-    process_index: `jax.process_index()`.
-    collection: optional sub-directory name, e.g. 'eval', shown as its own TensorBoard run.
+  Only process 0 writes event files (every process computes the same global metrics); the
+  console gets the trainer's one progress line per log step instead of every scalar. Writes
+  happen on a background thread; call `flush()` to be sure they are on disk and `close()` at the end.
   """
-  return metric_writers.create_default_writer(
-      str(workdir), just_logging=process_index > 0, asynchronous=True, collection=collection)
+  if process_index > 0:
+    return metric_writers.MultiWriter([])
+  import os
+  logdir = os.path.join(str(workdir), collection) if collection else str(workdir)
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
 
 
 def _format_duration(seconds: float) -> str:
@@ -145,13 +143,24 @@ def check_finite(metrics: Mapping[str, Any], step: int):
   """The NaN guard: raises if any metric holds a NaN or an infinity.
 
   Raises:
-    FloatingPointError: naming the step and every non-finite metric key.
+    FloatingPointError: naming the step, the first objective with a non-finite loss (the
+      objective order of the metrics: `<objective>/...` keys) and every non-finite metric.
   """
   host = jax.device_get(dict(metrics))
-  bad = sorted(k for k, v in host.items() if not np.all(np.isfinite(np.asarray(v))))
+  bad = [k for k, v in host.items() if not np.all(np.isfinite(np.asarray(v)))]
   if bad:
+    objectives = [k.split("/")[0] for k in bad if "/" in k]
+    first = f"objective {objectives[0]!r}" if objectives else f"metric {bad[0]!r}"
     values = ", ".join(f"{k}={np.asarray(host[k]).tolist()}" for k in bad)
-    raise FloatingPointError(f"non-finite metrics at step {step}: {values}")
+    raise FloatingPointError(f"non-finite values at step {step}, first in {first}: {values}")
+
+
+def check_finite_window(window: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+  """`check_finite` over the (step, metrics) of the steps since the last check, in step order,
+  fetched to the host at once: the error names the first step that went non-finite."""
+  host = jax.device_get(list(window))
+  for step, metrics in host:
+    check_finite(metrics, step)
 
 
 def average_metrics(window: Sequence[Mapping[str, Any]]) -> dict[str, float]:

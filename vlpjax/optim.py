@@ -12,7 +12,7 @@ Fields of `config.optim` (an `ml_collections.ConfigDict`; unknown fields are an 
     'constant'       lr at every step.
     'warmup_cosine'  linear from `warmup_init` (default 0) to lr over `warmup_steps`, then cosine
                      to `min_lr` (default 0) at `total_steps`.
-    'albef'          the exact behaviour of the ALBEF code (METHODS.md §1.3): in epoch 0 the lr
+    'albef'          the exact behaviour of the ALBEF code (docs/method_spec.md §1.3): in epoch 0 the lr
                      moves every `warmup_step_every` (default 100) iterations from `warmup_lr` to
                      lr, reached at iteration `warmup_steps` (default 2000), then stays flat; in
                      epoch e >= 1 it is min_lr + ½(lr - min_lr)(1 + cos(π e / epochs)), constant
@@ -21,7 +21,7 @@ Fields of `config.optim` (an `ml_collections.ConfigDict`; unknown fields are an 
                   default ('(.*/)?bias', '(.*/)?scale').
   no_decay_1d     also exempt every 1-D leaf (default True). Together with the default regexes
                   this reproduces ALBEF's quirk: 0-D `temp` and the ViT's 3-D `pos_embedding` and
-                  `cls` are decayed (METHODS.md Appendix H.3).
+                  `cls` are decayed (docs/method_spec.md Appendix H.3).
   freeze          regexes of params that get zero updates and no optimizer state.
   lr_mult         (regex, multiplier) pairs scaling the update of matching params; the first
                   matching pair wins.

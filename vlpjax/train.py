@@ -18,6 +18,7 @@ from vlpjax import config_lib
 from vlpjax import data as data_lib
 from vlpjax import evaluators
 from vlpjax import metrics as metrics_lib
+from vlpjax import preemption
 from vlpjax import sharding as sharding_lib
 from vlpjax import stages as stages_lib
 from vlpjax import state as state_lib
@@ -34,15 +35,26 @@ def _jsonable(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every check that needs no compute: config keys and values, then the data a run reads
+  (paths exist, JSON parses, tokenizer files are there). Errors name the flag to set."""
+  config_lib.validate(config)
+  if not config.input.get("synthetic", False):
+    from input_pipeline import builder  # imports TensorFlow (seconds), still no JAX compute
+    builder.check_data(config.input)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: Optional[int] = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint); returns the last metrics.
 
   `stop_after` ends the run after that global step with a checkpoint, as a preemption would
-  (the schedule still spans the whole run); the next call resumes from there.
+  (the schedule still spans the whole run); the next call resumes from there. SIGTERM / SIGINT
+  do the same at the end of the current step (`preemption.StopRequest`); the returned metrics
+  then hold `stopped_by` (the signal name). Nothing is written to `workdir` before the config
+  and the data have been validated.
   """
-  config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  validate(config)
   process_index, process_count = jax.process_index(), jax.process_count()
 
   # ----------------------------------------------------------------------------- Mesh
@@ -59,18 +71,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # One setup path: model, the stage's optimizer, abstract state and shardings (state.setup_state).
   setup = state_lib.setup_state(config, mesh)
   model, stages, total_steps = setup.model, setup.stages, setup.total_steps
+  how = checkpoint_lib.resolve_start(workdir, config.get("resume_from") or None,
+                                     (config.get("init_from") or {}).get("path") or None)
+  if how == "init_from":
+    checkpoint_lib.check_model_compatible(config.init_from.path, config.model,
+                                          allow=bool(config.init_from.get("allow_mismatch", False)))
 
   # ----------------------------------------------------------------------------- Writers
-  writer = metrics_lib.create_writer(workdir, process_index=process_index)
+  os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
                                      max_to_keep=config.checkpoint.max_to_keep,
                                      save_interval_steps=1,
                                      async_save=config.checkpoint.get("async_save", True))
+  if how == "workdir" and (ckpt.latest_step() or 0) >= total_steps:
+    logging.info("run already complete at step %d (%s); nothing to do. Exports: %s", ckpt.latest_step(),
+                 ckpt.directory, checkpoint_lib.export_dir(workdir, stages[-1].name))
+    ckpt.close()
+    return {"step": ckpt.latest_step(), "complete": True}
+  writer = metrics_lib.create_writer(workdir, process_index=process_index)
 
   # ----------------------------------------------------------------------------- State
   start_step, meta = 0, {}
-  how = checkpoint_lib.resolve_start(workdir, config.get("resume_from") or None,
-                                     (config.get("init_from") or {}).get("path") or None)
   if how in ("workdir", "resume"):
     if how == "workdir":
       source, resume_step = ckpt, ckpt.latest_step()
@@ -89,8 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state = init_from(model, state, config.init_from, setup.shardings)
   stage_index = setup.stage_index
   if process_index == 0:
-    logging.info("parameters:\n%s", metrics_lib.parameter_overview(state.params))
-    logging.info("param shardings:\n%s", metrics_lib.sharding_overview(setup.abstract.params))
+    _write_overviews(workdir, state.params, setup.abstract.params)
 
   # ----------------------------------------------------------------------------- Input
   # Positions are per process and the meta JSON is written by process 0 only: with several
@@ -118,66 +138,107 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_metrics: dict[str, Any] = {}
   progress = metrics_lib.Progress(total_steps, every_steps=config.log_every_steps,
                                   global_batch=global_batch, start_step=start_step, writer=writer)
+  stop = preemption.StopRequest(process_count)
   step = start_step
-  for index in range(stage_index, len(stages)):
-    stage = stages[index]
-    stage_start, stage_end = stages_lib.stage_bounds(stages, index)
-    if step >= stage_end:
-      continue
-    if index != setup.stage_index or step == stage_start and index > 0:
-      # A new stage may freeze other parameters: fresh optimizer state, same params / EMA / objective state.
-      setup = setup.for_stage(index)
-      opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)(state.params)
-      state = state.replace(opt_state=opt_state)
-    if stages_lib.data_segment(stages, index) != segment:
-      train_iter.close()
-      segment = stages_lib.data_segment(stages, index)
-      train_iter = open_stream(segment, 0, None)
-    train_step = step_lib.train_step_for(setup)
-    first = next(train_iter)
-    t0 = time.time()
-    compiled = train_step.lower(state, first).compile()
-    _log_memory(compiled, time.time() - t0)
-    # Processes reach here after input setup and compilation of very different lengths (one
-    # may hit a compile cache); the first step's collectives must start together (Gloo on CPU
-    # gives up after 30 s), so wait here on the coordinator's barrier, which waits for minutes.
-    _wait_for_all_processes(f"stage_{index}_compiled", process_count)
-    pending = first
-    logging.info("stage %r: steps %d..%d", stage.name, step, stage_end)
-    while step < stage_end and (stop_after is None or step < stop_after):
-      batch = pending if pending is not None else next(train_iter)
-      pending = None
-      state, step_metrics = train_step(state, batch)
-      step += 1
-      if step % config.log_every_steps == 0 or step == stage_end:
-        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        scalars.update(train_iter.stats() if hasattr(train_iter, "stats") else {})
-        metrics_lib.check_finite(scalars, step)
-        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-        last_metrics.update({f"train/{k}": v for k, v in scalars.items()})
-        progress(step, scalars)
-      if stages_lib.checkpoint_due(config, step, stage_end) or step == stop_after:
-        data_state = dict(train_iter.state() if hasattr(train_iter, "state") else {}, segment=segment)
-        ckpt.save(step, state, dict(stage=stage.name, step=step, data=data_state, config=_jsonable(config)),
-                  force=step in (stage_end, stop_after))
-      for scheduled in scheduled_evals:
-        if scheduled.every_steps and (step % scheduled.every_steps == 0 or step == total_steps):
-          results = scheduled.evaluator(state.params)
-          writer.write_scalars(step, {f"{scheduled.prefix}/{k}": v for k, v in results.items()})
-          last_metrics.update({f"{scheduled.prefix}/{k}": v for k, v in results.items()})
-          logging.info("step %d %s: %s", step, scheduled.prefix, _fmt(results))
+  try:
+    with stop.installed():
+      for index in range(stage_index, len(stages)):
+        stage = stages[index]
+        stage_start, stage_end = stages_lib.stage_bounds(stages, index)
+        if step >= stage_end:
+          continue
+        if index != setup.stage_index or step == stage_start and index > 0:
+          # A new stage may freeze other parameters: fresh optimizer state, same params / EMA / objective state.
+          setup = setup.for_stage(index)
+          opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)(state.params)
+          state = state.replace(opt_state=opt_state)
+        if stages_lib.data_segment(stages, index) != segment:
+          train_iter.close()
+          segment = stages_lib.data_segment(stages, index)
+          train_iter = open_stream(segment, 0, None)
+        train_step = step_lib.train_step_for(setup)
+        first = next(train_iter)
+        t0 = time.time()
+        compiled = train_step.lower(state, first).compile()
+        _log_memory(compiled, time.time() - t0)
+        # Processes reach here after input setup and compilation of very different lengths (one
+        # may hit a compile cache); the first step's collectives must start together (Gloo on CPU
+        # gives up after 30 s), so wait here on the coordinator's barrier, which waits for minutes.
+        _wait_for_all_processes(f"stage_{index}_compiled", process_count)
+        pending = first
+        unchecked = []  # (step, metrics) on device since the last NaN check: no host sync per step
+        logging.info("stage %r: steps %d..%d", stage.name, step, stage_end)
+        while step < stage_end and (stop_after is None or step < stop_after):
+          batch = pending if pending is not None else next(train_iter)
+          pending = None
+          state, step_metrics = train_step(state, batch)
+          step += 1
+          unchecked.append((step, step_metrics))
+          stopping = stop.should_stop(step)
+          log_due = step % config.log_every_steps == 0 or step == stage_end
+          save_due = stages_lib.checkpoint_due(config, step, stage_end) or step == stop_after or stopping
+          if log_due or save_due:
+            # The NaN guard: a non-finite step is never saved; the last good checkpoint stays the resume point.
+            try:
+              metrics_lib.check_finite_window(unchecked)
+            except FloatingPointError as e:
+              ckpt.wait()
+              good = ckpt.latest_step()
+              raise FloatingPointError(f"{e}; stopped without saving: the resume point is "
+                                       + (f"step {good} in {ckpt.directory}" if good is not None
+                                          else "a fresh start (no checkpoint yet)")) from None
+            unchecked = []
+          if log_due:
+            scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            scalars.update(train_iter.stats() if hasattr(train_iter, "stats") else {})
+            writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+            last_metrics.update({f"train/{k}": v for k, v in scalars.items()})
+            progress(step, {k: v for k, v in scalars.items() if k == "loss" or k.endswith("/loss")})
+          if save_due:
+            data_state = dict(train_iter.state() if hasattr(train_iter, "state") else {}, segment=segment)
+            if ckpt.save(step, state, dict(stage=stage.name, step=step, data=data_state, config=_jsonable(config)),
+                         force=step in (stage_end, stop_after) or stopping):
+              logging.info("checkpoint of step %d: %s", step, ckpt.directory / str(step))
+          for scheduled in scheduled_evals:
+            if scheduled.every_steps and (step % scheduled.every_steps == 0 or step == total_steps):
+              results = scheduled.evaluator(state.params)
+              writer.write_scalars(step, {f"{scheduled.prefix}/{k}": v for k, v in results.items()})
+              last_metrics.update({f"{scheduled.prefix}/{k}": v for k, v in results.items()})
+              logging.info("step %d %s: %s", step, scheduled.prefix, _fmt(results))
+          if stopping:
+            break
+        ckpt.wait()
+        if stop.requested:
+          logging.warning("stopped by %s after step %d: checkpoint %s written; run the same command to resume",
+                          stop.signal_name, step, ckpt.directory / str(step))
+          last_metrics["stopped_by"] = stop.signal_name
+          break
+        if step < stage_end:
+          break
+        export = checkpoint_lib.export_dir(workdir, stage.name)
+        checkpoint_lib.export_params(state.params, export, model_config=config.model)
+        logging.info("stage %r done at step %d; params exported to %s", stage.name, step, export)
+  finally:
+    # Background checkpoint writes and input threads end here, also on an error or a second Ctrl-C.
     ckpt.wait()
-    if step < stage_end:
-      break
-    checkpoint_lib.export_params(state.params, checkpoint_lib.export_dir(workdir, stage.name))
-
-  ckpt.wait()
-  ckpt.close()
-  writer.flush()
-  if hasattr(train_iter, "close"):
-    train_iter.close()
+    ckpt.close()
+    writer.flush()
+    writer.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
   last_metrics["step"] = step
   return last_metrics
+
+
+def _write_overviews(workdir: str, params, abstract_params) -> None:
+  """The full parameter and sharding tables go to the workdir; the log gets their summary lines."""
+  tables = {"parameters.txt": metrics_lib.parameter_overview(params),
+            "shardings.txt": metrics_lib.sharding_overview(abstract_params)}
+  for name, text in tables.items():
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write(text + "\n")
+  logging.info("%s params (%s); %s (%s)", f"{vlp.count_params(params):,}", os.path.join(workdir, "parameters.txt"),
+               tables["shardings.txt"].splitlines()[-1], os.path.join(workdir, "shardings.txt"))
 
 
 def _wait_for_all_processes(name: str, process_count: int, timeout_s: int = 1800) -> None:

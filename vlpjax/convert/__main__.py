@@ -137,4 +137,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from vlpjax import cli
+  cli.run(main)

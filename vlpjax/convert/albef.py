@@ -1,4 +1,4 @@
-"""ALBEF and ViCHA PyTorch checkpoints (METHODS.md §1.5, §2.5).
+"""ALBEF and ViCHA PyTorch checkpoints (docs/method_spec.md §1.5, §2.5).
 
 Online modules go to `params/`, their `_m` momentum mirrors to `ema_params/` (the EMA tree has
 the structure of the params; modules without a mirror, `itm_head` and `temp`, copy the online

@@ -1,6 +1,6 @@
 """Classification evaluation (SNLI-VE, NLVR2): accuracy, per-class accuracy, confusion counts.
 
-Protocol (METHODS.md Appendix G): accuracy of the argmax prediction over the examples of the
+Protocol (docs/method_spec.md Appendix G): accuracy of the argmax prediction over the examples of the
 split. The model kind picks the forward: `ve` -> `cls_logits(image, ...)`, `nlvr` ->
 `nlvr_logits(image0, image1, ...)`. Batches are the fixed-size padded batches of
 `input_pipeline.tasks.make_eval_data` (`label` int [B], `valid` bool [B]); predictions are

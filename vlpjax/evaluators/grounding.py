@@ -1,6 +1,6 @@
 """Weakly-supervised grounding (RefCOCO+, ALBEF protocol): Grad-CAM heat map -> box ranking -> IoU.
 
-Protocol (METHODS.md §1.4 grounding row, Appendix G):
+Protocol (docs/method_spec.md §1.4 grounding row, Appendix G):
   1. Grad-CAM. `itm` mode (default): the cross-attention probabilities A [B, heads, L, 1+P] of
      fusion layer `gradcam_layer` (ALBEF: text layer 8 = fusion layer 2) and their gradient G of
      the summed ITM "match" logits; cam = A * ReLU(G), CLS image column dropped, padded text

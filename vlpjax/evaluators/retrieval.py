@@ -1,6 +1,6 @@
 """Image-text retrieval evaluation: embed, score all pairs with ITC, optionally ITM-rerank top-k.
 
-Protocol (ALBEF, METHODS.md §1.4 and Appendix G):
+Protocol (ALBEF, docs/method_spec.md §1.4 and Appendix G):
   TR@k: for each image, hit if the best-ranked of its ground-truth captions is in the top k.
   IR@k: for each caption, hit if its image is in the top k.
   r_mean: mean of the six recalls.

@@ -1,12 +1,12 @@
 """VQA evaluation: answer prediction (ALBEF ranking or classifier argmax) and the official VQA accuracy.
 
-Prediction (METHODS.md §1.4):
+Prediction (docs/method_spec.md §1.4):
   generate mode (ALBEF `rank_answer`): fuse the question with the image; run the answer decoder
   on `[CLS]` alone and read the probability of every candidate's first token
   (`candidate_ids[:, 1]`); keep the `k_test` candidates with the highest one; score each of them
   by its full-sequence log-likelihood sum_t log p(token_t | tokens_<t, question) over the
   tokens after `[CLS]` (its final `[SEP]` included) and, as ALBEF does, add the first token's
-  log-probability once more (METHODS.md App. H #15; `rank_fix=True` leaves it out); the answer
+  log-probability once more (docs/method_spec.md App. H #15; `rank_fix=True` leaves it out); the answer
   is the best-scoring candidate.
   classify mode: argmax of the classifier head; class c is `answer_list[c]`.
 Everything runs in fixed-shape jitted batches; only the chosen candidate index per question

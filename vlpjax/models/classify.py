@@ -1,6 +1,6 @@
 """Classification fine-tuning models: SNLI-VE (`kind = "ve"`) and NLVR2 (`kind = "nlvr"`).
 
-METHODS.md §1.4 (NLVR2 and SNLI-VE rows):
+docs/method_spec.md §1.4 (NLVR2 and SNLI-VE rows):
 
 * `VEModel`: the pretraining model plus an MLP head on the fusion CLS,
   Dense(D) -> ReLU -> Dense(num_classes = 3) (0 contradiction, 1 neutral, 2 entailment).

@@ -115,7 +115,7 @@ def _init_itc(model, feats):
 
 def _constrain_itc(model_cfg, params):
   # ALBEF clamps `temp` in place before every forward; clamping after each update keeps the
-  # stored value equal to the one used (METHODS.md App. E 7).
+  # stored value equal to the one used (docs/method_spec.md App. E 7).
   return {**params, "temp": jnp.clip(params["temp"], model_cfg.temp_min, model_cfg.temp_max)}
 
 

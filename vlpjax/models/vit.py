@@ -110,7 +110,7 @@ class VisionTransformer(nn.Module):
     `keep_indices` int [batch, K] (MAE's visible patches): only those patches (with their
     position embeddings) and the CLS token are encoded, so the masked ones cost nothing; the
     output has 1 + K tokens. `cls_position=False` leaves the CLS token without its position
-    embedding on that path (ViCHA's MAE branch does, METHODS.md App. H #9).
+    embedding on that path (ViCHA's MAE branch does, docs/method_spec.md App. H #9).
     """
     x = self.embed(images, patch_mask)
     if keep_indices is not None:

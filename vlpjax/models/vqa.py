@@ -1,6 +1,6 @@
 """VQA model (`config.model.kind = "vqa"`): ALBEF's generative answer decoder, or a classifier head.
 
-`vqa_mode = "generate"` (ALBEF, METHODS.md §1.4): the question is fused with the image by the
+`vqa_mode = "generate"` (ALBEF, docs/method_spec.md §1.4): the question is fused with the image by the
 usual towers (`vqa_encode`), and an answer decoder -- a BERT LM decoder with causal
 self-attention, cross-attention to the fused question states and an FFN in every layer, and an
 MLM-style LM head tied to its own word embeddings -- scores answers token by token

@@ -1,5 +1,5 @@
 """Classification fine-tuning objectives: SNLI-VE / NLVR2 with momentum distillation (`cls`) and
-NLVR2's text-assignment pre-step (`nlvr_ta`). METHODS.md §1.4, Appendix G.
+NLVR2's text-assignment pre-step (`nlvr_ta`). docs/method_spec.md §1.4, Appendix G.
 
 The models are `vlpjax/models/classify.py`'s `VEModel` (method `cls_logits`) and `NLVRModel`
 (methods `nlvr_logits`, `fuse_pair`, `ta_classify`), called through `ctx.student.apply` /

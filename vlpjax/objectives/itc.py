@@ -1,4 +1,4 @@
-"""ALBEF image-text contrastive loss with momentum distillation (METHODS.md §1.2).
+"""ALBEF image-text contrastive loss with momentum distillation (docs/method_spec.md §1.2).
 
 The objective owns its feature queue (`queue_size` > 0 in its config): image and text rows of
 the teacher's features and their image ids, written one global batch at a time after each step.

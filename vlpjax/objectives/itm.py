@@ -1,4 +1,4 @@
-"""ALBEF image-text matching with contrastive hard negatives (METHODS.md §1.2, App. E 8-9)."""
+"""ALBEF image-text matching with contrastive hard negatives (docs/method_spec.md §1.2, App. E 8-9)."""
 import jax
 import jax.numpy as jnp
 
@@ -16,7 +16,7 @@ def sample_hard_negatives(key: jax.Array, sims: jax.Array, image_ids: jax.Array,
   batch). Column j is allowed for row b when it lies in b's group, j != b and
   image_ids[j] != image_ids[b] (a same-image caption is not a negative). Row b draws
   j ~ softmax(sims[b, allowed]) in float32, which equals ALBEF's multinomial over the softmax
-  with the excluded entries zeroed, without its NaN failure modes (METHODS.md App. H #16).
+  with the excluded entries zeroed, without its NaN failure modes (docs/method_spec.md App. H #16).
 
   A row whose in-group columns all share its image id has no true negative. It falls back to a
   uniform draw over the other rows of its group, which is then scored as a negative (label

@@ -1,4 +1,4 @@
-"""MAMO masked image modelling: predict the teacher's clean patch features (METHODS.md §3.2)."""
+"""MAMO masked image modelling: predict the teacher's clean patch features (docs/method_spec.md §3.2)."""
 import jax
 
 from vlpjax.objectives import registry

@@ -1,4 +1,4 @@
-"""Masked language modelling with momentum distillation (ALBEF, METHODS.md §1.2)."""
+"""Masked language modelling with momentum distillation (ALBEF, docs/method_spec.md §1.2)."""
 import jax
 import jax.numpy as jnp
 

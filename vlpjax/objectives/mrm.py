@@ -1,4 +1,4 @@
-"""MAMO masked representation modelling: regress the teacher's fused states (METHODS.md §3.2).
+"""MAMO masked representation modelling: regress the teacher's fused states (docs/method_spec.md §3.2).
 
 Also holds the target normalisation and per-position regression losses that `mim` reuses.
 """
