@@ -97,7 +97,9 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
   c.eval = dict(every_steps=0, split="test", batch_size=256, k_test=0)
   c.checkpoint = dict(every_steps=2000, max_to_keep=3, async_save=True)
   c.log_every_steps = 100
-  c.init_from = dict(path="", dont_load=())
+  # init_from: a finetuning start (params only). allow_mismatch accepts a checkpoint whose
+  # architecture differs from config.model; model_from_checkpoint takes the architecture from it.
+  c.init_from = dict(path="", dont_load=(), allow_mismatch=False, model_from_checkpoint=False)
   c.resume_from = ""
   c.stages = ()
 

@@ -61,3 +61,18 @@ def get_config(arg: str = ""):
   if config.model.text.fusion_layers < 3:
     config.objectives.mrm.top_k = config.model.text.fusion_layers
   return config
+
+
+def downstream(task: str, config) -> str | None:
+  """How `vlpjax.compare` runs a downstream task from a MAMO export (None = as configured).
+
+  The merged fusion has no cross-attention: NLVR2's two-image fusion (pairs of cross-attention
+  layers) cannot be built from it, and grounding's default Grad-CAM reads a fusion
+  cross-attention map, so grounding uses its ITC mode (the ViT's self-attention) instead.
+  """
+  if task == "nlvr2":
+    return "NLVR2's two-image model needs cross-attention fusion layers; MAMO's fusion is merged"
+  if task == "grounding":
+    with config.unlocked():
+      config.eval.gradcam_mode = "itc"
+  return None

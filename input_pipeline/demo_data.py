@@ -509,6 +509,9 @@ def load_demo(split: str, *, data_dir: str | None = None, config: str | DemoConf
     `relation/object` int64 (-1 when absent) and `relation/predicate` string ("" when absent).
   """
   builder = build_demo(data_dir, config)
+  # No TFDS auto-cache: the trainer reads a repeated, shuffled stream and stops part way through
+  # an epoch, and a partly read cache only earns TensorFlow's "cached dataset not fully read" warning.
   ds = builder.as_dataset(split=split, shuffle_files=shuffle_files,
-                          decoders={"image": tfds.decode.SkipDecoding()})
+                          decoders={"image": tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(try_autocache=False))
   return ds.map(_to_common_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -710,11 +710,7 @@ _FLAGS = (  # (kind, name, default, help)
 
 def define_flags(flag_values=None):
   """Defines the command's flags on `flag_values` (default absl's global FLAGS); returns it."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  flag_values = flags.FLAGS if flag_values is None else flag_values
-  for kind, name, default, help_text in _FLAGS:
-    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=flag_values)
-  return flag_values
+  return words_lib.define_flags(_FLAGS, flag_values)
 
 
 def _require(flag_values, *names):

@@ -157,7 +157,7 @@ def tfds_source(name: str | tfds.core.DatasetBuilder, split: str, *, data_dir: s
   records = builder.as_dataset(
       split=part, shuffle_files=False,
       decoders=_nested_dict(field_map["image"], tfds.decode.SkipDecoding()),
-      read_config=tfds.ReadConfig(add_tfds_id="image_id" not in field_map))
+      read_config=tfds.ReadConfig(add_tfds_id="image_id" not in field_map, try_autocache=False))
 
   def read(record):
     example = {key: _nested_get(record, path) for key, path in field_map.items()}

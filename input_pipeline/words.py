@@ -136,3 +136,13 @@ def entry_captions(entry: dict) -> list[str]:
   """The captions of an entry read by `read_annotations`, as a list."""
   caption = entry["caption"]
   return [caption] if isinstance(caption, str) else list(caption)
+
+
+def define_flags(specs, flag_values=None):
+  """Defines (kind, name, default, help) absl flags on `flag_values` (default the global FLAGS);
+  returns it. Shared by the concept commands (`phrases`, `grounded_words`)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  for kind, name, default, help_text in specs:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=flag_values)
+  return flag_values

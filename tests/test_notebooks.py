@@ -15,7 +15,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
-NOTEBOOKS = ("01_quickstart.ipynb", "02_zero_shot_retrieval.ipynb", "03_finetune_retrieval.ipynb")
+NOTEBOOKS = ("01_quickstart.ipynb", "02_zero_shot_retrieval.ipynb", "03_finetune_retrieval.ipynb",
+             "04_compare_methods.ipynb")
 MAMO_OBJECTIVES = ("itc", "itm", "mlm", "mrm", "mim")
 RECALL_COLUMNS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
 CELL_TIMEOUT_S = 300

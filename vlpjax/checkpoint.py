@@ -298,6 +298,30 @@ def check_model_compatible(path, model_config, *, allow: bool = False) -> None:
   logging.warning("%s (allowed)", message)
 
 
+def take_model_from_checkpoint(config) -> None:
+  """With `config.init_from.model_from_checkpoint`, sets config.model's architecture fields (the
+  ones `check_model_compatible` compares, and `image_tokens`) to the checkpoint's stored ones, in
+  place; a finetune config then fits any pretraining export. No-op otherwise."""
+  init = config.get("init_from") or {}
+  if not init.get("model_from_checkpoint") or not init.get("path"):
+    return
+  stored = stored_model_config(init.path)
+  if not stored:
+    raise ValueError(f"--config.init_from.model_from_checkpoint: {init.path} does not say which model it holds "
+                     "(no export sidecar, train checkpoint meta or conversion.json)")
+  with config.unlocked():
+    for section, names in _ARCHITECTURE.items():
+      source = stored.get(section, {}) if section else stored
+      target = config.model[section] if section else config.model
+      for name in names:
+        if name in source:
+          target[name] = source[name]
+    if "image_tokens" in stored:
+      config.model.image_tokens = stored["image_tokens"]
+  logging.info("config.model architecture taken from %s: %s", init.path,
+               {s or "model": {n: (stored.get(s, {}) if s else stored).get(n) for n in ns} for s, ns in _ARCHITECTURE.items()})
+
+
 def _flag_value(mismatch: str) -> str:
   value = mismatch.split("checkpoint ", 1)[1].split(", config", 1)[0]
   return value.strip("'")

@@ -35,7 +35,7 @@ SECTIONS = {
     "sharding": {"mesh", "rules"},
     "eval": {"every_steps", "split", "batch_size", "kind"},  # + the evaluator's EVAL_KEYS
     "checkpoint": {"every_steps", "max_to_keep", "async_save"},
-    "init_from": {"path", "dont_load"},
+    "init_from": {"path", "dont_load", "allow_mismatch", "model_from_checkpoint"},
 }
 STAGE_KEYS = {"name", "steps", "objectives", "freeze", "input"}
 

@@ -75,13 +75,18 @@ def evaluate_checkpoint(config, path: Optional[str] = None, *, workdir: Optional
   Returns:
     dict of floats; retrieval: txt_r1/5/10, img_r1/5/10, their means, r_mean, num_images, num_texts.
   """
+  from vlpjax import checkpoint
   from vlpjax import config_lib
-  config_lib.validate(config)
   path = path or config.init_from.get("path")
   if not path:
     raise ValueError("no checkpoint to evaluate: set config.init_from.path (--config.init_from.path=DIR)")
+  if config.init_from.get("model_from_checkpoint") and path != config.init_from.get("path"):
+    with config.unlocked():
+      config.init_from.path = path
+  checkpoint.take_model_from_checkpoint(config)
+  config_lib.validate(config)
+  checkpoint.check_model_compatible(path, config.model, allow=bool(config.init_from.get("allow_mismatch", False)))
   import jax
-  from vlpjax import checkpoint
   from vlpjax import metrics as metrics_lib
   from vlpjax import evaluators
   from vlpjax import sharding as sharding_lib

@@ -38,6 +38,7 @@ def _jsonable(config) -> dict:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Every check that needs no compute: config keys and values, then the data a run reads
   (paths exist, JSON parses, tokenizer files are there). Errors name the flag to set."""
+  checkpoint_lib.take_model_from_checkpoint(config)
   config_lib.validate(config)
   if not config.input.get("synthetic", False):
     from input_pipeline import builder  # imports TensorFlow (seconds), still no JAX compute
