@@ -31,12 +31,13 @@ flags.DEFINE_string("profile_dir", "", "If set: trace 3 more steps with jax.prof
                     "PROFILE_DIR/<config>, write the compiled HLO there and print the device "
                     "ops that take the most time (per step).")
 flags.DEFINE_integer("profile_top", 40, "Device ops to print with --profile_dir.")
+flags.DEFINE_string("timing_lock", "", "A file to hold an exclusive lock on while timing: several "
+                    "benchmark processes then compile in parallel (CPU) and take turns on the "
+                    "accelerator (benchmarks/gpu_all.sh).")
 FLAGS = flags.FLAGS
 
 
 def bench_one(spec: str) -> dict:
-  import jax
-  import numpy as np
   from vlpjax import flops, sharding, state as state_lib, step as step_lib, synthetic
 
   from vlpjax import config_lib
@@ -68,12 +69,37 @@ def bench_one(spec: str) -> dict:
   flops_per_img = flops.count_flops(step.jitted, setup.abstract, batch_shapes) / FLAGS.batch
   config.model.vision.attention_impl = attention
   setup, step = build(FLAGS.remat)
-  model = setup.model
   state = setup.create(0)
   batches = synthetic.SyntheticIterator(config, mesh, FLAGS.batch, seed=0)
   t0 = time.perf_counter()
   compiled = step.lower(state, next(batches)).compile()
   compile_s = time.perf_counter() - t0
+  with _exclusive(FLAGS.timing_lock):
+    return _time(spec, compiled, state, batches, compile_s, attention, config, flops_per_img)
+
+
+def _exclusive(path: str):
+  """A context holding an exclusive flock on `path` (no-op without one)."""
+  import contextlib
+  import fcntl
+  if not path:
+    return contextlib.nullcontext()
+
+  @contextlib.contextmanager
+  def held():
+    with open(path, "a") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+  return held()
+
+
+def _time(spec, compiled, state, batches, compile_s, attention, config, flops_per_img) -> dict:
+  import jax
+  import numpy as np
   # The compiled executable itself runs the steps: calling `step` would compile a second time.
   for _ in range(2):
     state, metrics = compiled(state, next(batches))
