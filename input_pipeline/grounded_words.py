@@ -426,7 +426,7 @@ _FLAGS = (  # (kind, name, default, help)
 
 def define_flags(flag_values=None):
   """Defines the command's flags on `flag_values` (default absl's global FLAGS); returns it."""
-  return words_lib.define_flags(_FLAGS, flag_values)
+  return words_lib.define_flags(_FLAGS, flag_values, module_name=__name__)
 
 
 def run(argv, fv):

@@ -138,11 +138,17 @@ def entry_captions(entry: dict) -> list[str]:
   return [caption] if isinstance(caption, str) else list(caption)
 
 
-def define_flags(specs, flag_values=None):
+def define_flags(specs, flag_values=None, module_name=None):
   """Defines (kind, name, default, help) absl flags on `flag_values` (default the global FLAGS);
-  returns it. Shared by the concept commands (`phrases`, `grounded_words`)."""
+  returns it. Shared by the concept commands (`phrases`, `grounded_words`).
+
+  `module_name`: the module the flags belong to (absl's `--helpshort` lists the main module's
+  flags; pass the command module's `__name__`, "__main__" when run with -m)."""
+  import sys  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   flag_values = flags.FLAGS if flag_values is None else flag_values
+  if module_name == "__main__":
+    module_name = sys.argv[0]  # absl's key for the main module
   for kind, name, default, help_text in specs:
-    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=flag_values)
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=flag_values, module_name=module_name)
   return flag_values

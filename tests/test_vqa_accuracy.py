@@ -208,7 +208,8 @@ def test_run_scores_with_the_configured_metric(monkeypatch, tmp_path, eval_extra
   fake.make_eval_data = lambda cfg, split, batch_size: data
   monkeypatch.setitem(sys.modules, "input_pipeline.tasks", fake)
   monkeypatch.setattr(input_pipeline, "tasks", fake, raising=False)
-  monkeypatch.setattr(vqa_eval, "predict_answers", lambda *args, **kwargs: np.array([0, 1]))
+  monkeypatch.setattr(vqa_eval, "make_predict_fn", lambda *args, **kwargs: None)
+  monkeypatch.setattr(vqa_eval, "_predict_answers", lambda *args, **kwargs: np.array([0, 1]))
   model = types.SimpleNamespace(config=types.SimpleNamespace(vqa_mode="generate"))
   config = ml_collections.ConfigDict(dict(input={}, eval=dict(split="val", batch_size=2, predictions="",
                                                               **eval_extra)))

@@ -147,7 +147,7 @@ def check_finite(metrics: Mapping[str, Any], step: int):
       objective order of the metrics: `<objective>/...` keys) and every non-finite metric.
   """
   host = jax.device_get(dict(metrics))
-  bad = [k for k, v in host.items() if not np.all(np.isfinite(np.asarray(v)))]
+  bad = [k for k in metrics if not np.all(np.isfinite(np.asarray(host[k])))]  # host's keys are sorted
   if bad:
     objectives = [k.split("/")[0] for k in bad if "/" in k]
     first = f"objective {objectives[0]!r}" if objectives else f"metric {bad[0]!r}"
@@ -159,8 +159,8 @@ def check_finite_window(window: Sequence[tuple[int, Mapping[str, Any]]]) -> None
   """`check_finite` over the (step, metrics) of the steps since the last check, in step order,
   fetched to the host at once: the error names the first step that went non-finite."""
   host = jax.device_get(list(window))
-  for step, metrics in host:
-    check_finite(metrics, step)
+  for (_, metrics), (step, values) in zip(window, host):
+    check_finite({k: values[k] for k in metrics}, step)  # device_get sorts keys: keep the objectives' order
 
 
 def average_metrics(window: Sequence[Mapping[str, Any]]) -> dict[str, float]:
