@@ -21,7 +21,7 @@ run() {  # name, command...
 }
 run albef python3 benchmarks/train_step.py --config=configs/albef.py $common
 run mamo python3 benchmarks/train_step.py --config=configs/mamo.py $common
-run albef_remat python3 benchmarks/train_step.py --config=configs/albef.py $common --remat
+run albef_remat python3 benchmarks/train_step.py --config=configs/albef.py $common --remat=full
 run attention python3 benchmarks/attention.py
 run device_augment python3 -m benchmarks.input_pipeline --device_only --device_batches=32,128
 run retrieval python3 benchmarks/retrieval_eval.py

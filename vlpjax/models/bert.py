@@ -104,9 +104,10 @@ class BertLayer(nn.Module):
     return feed_forward_block(cfg, self.dtype, x, deterministic)
 
 
-def _layer_cls(remat: bool):
+def _layer_cls(remat):
+  """BertLayer under the remat policy `remat` (a `layers.remat_policy` value, or bool)."""
   # `deterministic` (argument 5, counting self) must be static under remat.
-  return nn.remat(BertLayer, static_argnums=(5,)) if remat else BertLayer
+  return layers.remat(BertLayer, remat, static_argnums=(5,))
 
 
 class TextEncoder(nn.Module):
@@ -117,7 +118,7 @@ class TextEncoder(nn.Module):
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
 
   def setup(self):
     self.embeddings = Embeddings(self.cfg, self.dtype)
@@ -141,7 +142,7 @@ class CrossFusion(nn.Module):
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
   sow_weights: bool = False
 
   def setup(self):
@@ -167,7 +168,7 @@ class MergedFusion(nn.Module):
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
 
   @nn.compact
   def __call__(self, text_states, text_mask, image_states, image_mask=None, *, deterministic=True):
@@ -191,7 +192,7 @@ class MergedFusion(nn.Module):
                 layer_text_states=layer_text_states, layer_image_states=layer_image_states)
 
 
-def make_fusion(kind: str, cfg: TextConfig, dtype, remat: bool, sow_weights: bool = False) -> nn.Module:
+def make_fusion(kind: str, cfg: TextConfig, dtype, remat, sow_weights: bool = False) -> nn.Module:
   if kind == "cross":
     return CrossFusion(cfg, dtype, remat, sow_weights, name="fusion")
   if kind == "merged":

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -56,6 +57,61 @@ class LayerNorm(nn.Module):
         bias_init=with_axes(nn.initializers.zeros, ("embed",)),
         name="norm",
     )(x.astype(jnp.float32)).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- rematerialisation
+
+# `config.model.remat`: what each transformer layer (ViT block, text layer, fusion layer) keeps
+# for the backward pass; the rest is recomputed there from the layer's input. Names -> the
+# `jax.checkpoint_policies` policy of `nn.remat`; 'none' (None) is no rematerialisation at all.
+REMAT_POLICIES = {
+    # Every activation kept (no remat): the most memory, no recompute.
+    "none": None,
+    # Only each layer's input kept; the whole layer forward is recomputed (~1/3 more matmul FLOPs).
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Matmuls without batch dimensions kept: the dense projections (query/key/value/out, both MLP
+    # matmuls). Recomputed: LayerNorms, GELU, the attention core (scores, softmax, context: batched
+    # matmuls, or the fused kernel), dropout. Little recompute; about half the memory of 'none'.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every matmul output kept, the attention scores [B, heads, L, L] included: recomputes only
+    # elementwise work; more memory than 'dots' (mainly there for measuring).
+    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+class RematPolicy(str):
+  """A canonical `REMAT_POLICIES` name; false only for 'none', so `if cfg.remat:` written for the
+  old boolean flag still means "some rematerialisation"."""
+
+  def __bool__(self):
+    return self != "none"
+
+
+def remat_policy(value) -> RematPolicy:
+  """`config.model.remat` -> a canonical policy name.
+
+  Accepts the names of `REMAT_POLICIES` and, for old configs and command lines, booleans
+  (True -> 'full', False -> 'none', also as the strings 'true' / 'false', any case).
+  """
+  if isinstance(value, (bool, np.bool_)) or value is None:
+    return RematPolicy("full" if value else "none")
+  name = str(value).strip().lower()
+  name = {"true": "full", "false": "none", "": "none"}.get(name, name)
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={value!r}; known policies: {sorted(REMAT_POLICIES)} (or True / False)")
+  return RematPolicy(name)
+
+
+def remat(module_class, policy, static_argnums: tuple[int, ...] = ()):
+  """`module_class` rematerialised under `policy` (a `remat_policy` value); 'none' returns it as is.
+
+  `static_argnums` counts `self` as argument 0 (Flax): e.g. BERT layers pass (5,) for their
+  positional `deterministic`, which must be static.
+  """
+  name = remat_policy(policy)
+  if name == "none":
+    return module_class
+  return nn.remat(module_class, static_argnums=static_argnums, policy=REMAT_POLICIES[name])
 
 
 def key_padding_mask(mask: Optional[jax.Array]) -> Optional[jax.Array]:

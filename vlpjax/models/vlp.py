@@ -26,7 +26,9 @@ class ModelConfig:
   embed_dim: int = 256
   heads: tuple[str, ...] = ("itc", "itm", "mlm")
   dtype: str = "float32"
-  remat: bool = False
+  # What each transformer layer keeps for the backward pass: a `layers.REMAT_POLICIES` name
+  # ('none', 'full', 'dots', 'dots_all'); True / False mean 'full' / 'none' (old configs).
+  remat: Any = "none"
   temp_init: float = 0.07
   temp_min: float = 0.001
   temp_max: float = 0.5
@@ -36,6 +38,9 @@ class ModelConfig:
   image_tokens: Any = None
   # Settings of heads that have them: ((name, settings dataclass), ...) sorted by name.
   head_config: tuple = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "remat", layers.remat_policy(self.remat))
 
   @property
   def compute_dtype(self):
