@@ -3,7 +3,7 @@
 Params are float32; `dtype` is the compute dtype. Every param carries logical axis names
 (`embed`, `mlp`, `heads`, `vocab`, ...) that `vlpjax.sharding` maps to mesh axes.
 """
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -167,6 +167,13 @@ def padded_dot_product_attention(query, key, value, mask=None, *, multiple: int,
   return out[:, :q_len]
 
 
+class KeyValue(NamedTuple):
+  """Projected keys and values of an attention, [batch, kv_len, heads, head_dim] each: a cache that
+  `Attention` takes in place of `inputs_kv` (see its `key_value_only`)."""
+  key: jax.Array
+  value: jax.Array
+
+
 class Attention(nn.Module):
   """Multi-head attention with separate query/key/value projections (BERT / ViT layout).
 
@@ -181,6 +188,14 @@ class Attention(nn.Module):
   `implementation` picks the fused kernel: 'xla', 'cudnn' (sequences padded to a multiple of
   `CUDNN_LENGTH_MULTIPLE`, `padded_dot_product_attention`), or '' = cuDNN on a GPU with 16-bit
   compute for long sequences (`CUDNN_MIN_SCORES`) when cuDNN accepts the shapes, XLA otherwise.
+
+  Key/value cache (the ITM rerank's per-image cache): `key_value_only=True` returns the
+  `KeyValue` projections of `inputs_kv` (`inputs_q` is not used); a `KeyValue` given as
+  `inputs_kv` skips the key/value projections. Its batch G may be smaller than the queries'
+  batch B = G * S: then each run of S consecutive query sequences attends to the same keys and
+  values (one attention over those sequences' S * q_len queries side by side, which equals S
+  separate ones: attention is computed per query row), and `mask` is the keys' [G, kv_len];
+  sown probabilities then have that grouped shape [G, heads, S * q_len, kv_len].
   """
   num_heads: int
   out_features: int
@@ -190,7 +205,7 @@ class Attention(nn.Module):
   implementation: str = ""
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, mask=None, *, deterministic=True):
+  def __call__(self, inputs_q, inputs_kv, mask=None, *, deterministic=True, key_value_only=False):
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"unknown attention implementation {self.implementation!r}; known: "
                        f"{ATTENTION_IMPLEMENTATIONS}")
@@ -203,9 +218,20 @@ class Attention(nn.Module):
       y = Dense(inner, ("embed", "heads"), dtype=self.dtype, name=name)(x)
       return y.reshape(y.shape[:-1] + (self.num_heads, head_dim))
 
+    if isinstance(inputs_kv, KeyValue):
+      key, value = inputs_kv
+    else:
+      key = project("key", inputs_kv)      # [batch, kv_len, heads, head_dim]
+      value = project("value", inputs_kv)  # [batch, kv_len, heads, head_dim]
+      if key_value_only:
+        return KeyValue(key, value)
     query = project("query", inputs_q)   # [batch, q_len, heads, head_dim]
-    key = project("key", inputs_kv)      # [batch, kv_len, heads, head_dim]
-    value = project("value", inputs_kv)  # [batch, kv_len, heads, head_dim]
+    batch, q_len = query.shape[:2]
+    if key.shape[0] != batch:   # a cache of G = batch / S key/value sequences, S queries each
+      if batch % key.shape[0]:
+        raise ValueError(f"{batch} query sequences do not split evenly over {key.shape[0]} cached key/value "
+                         "sequences")
+      query = query.reshape(key.shape[0], -1, *query.shape[2:])   # [G, S * q_len, heads, head_dim]
     bool_mask = key_padding_mask(mask)
 
     use_dropout = self.dropout_rate > 0.0 and not deterministic
@@ -232,7 +258,7 @@ class Attention(nn.Module):
             raise
       if context is None:
         context = jax.nn.dot_product_attention(query, key, value, mask=bool_mask, implementation="xla")
-    context = context.reshape(context.shape[:2] + (inner,))
+    context = context.reshape(batch, q_len, inner)
     return Dense(self.out_features, ("heads", "embed"), dtype=self.dtype, name="out")(context)
 
 
