@@ -30,6 +30,8 @@ flags.DEFINE_integer("text_len", 30, "Caption tokens.")
 flags.DEFINE_integer("batch", 256, "Embedding batch (images / captions per jitted call).")
 flags.DEFINE_integer("itm_batch", 512, "Pairs per jitted ITM call.")
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
+flags.DEFINE_enum("image_cache", "auto", ["auto", "true", "false"],
+                  "ITM rerank with the per-image key/value cache (auto: where the model supports it) or without.")
 FLAGS = flags.FLAGS
 
 
@@ -97,7 +99,8 @@ def main(argv):
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
   k = FLAGS.k_test
   params = jax.device_put(params, sharding.replicated(mesh))
-  scorer = retrieval.Scorer(model, k_test=k, itm_batch_size=FLAGS.itm_batch, mesh=mesh)
+  image_cache = {"auto": None, "true": True, "false": False}[FLAGS.image_cache]
+  scorer = retrieval.Scorer(model, k_test=k, itm_batch_size=FLAGS.itm_batch, mesh=mesh, image_cache=image_cache)
 
   def run_evaluate():
     scores = scorer.scores(params, image_batches, text_batches)
@@ -128,7 +131,8 @@ def main(argv):
   print(f"\nretrieval eval on {jax.devices()[0].device_kind} x{jax.device_count()}: model={FLAGS.model} "
         f"({vlp.count_params(params) / 1e6:.1f}M params, {FLAGS.dtype}), {FLAGS.images} images at "
         f"{FLAGS.image_size}px, {num_texts} captions x {FLAGS.text_len} tokens, k_test={k}, "
-        f"batch {FLAGS.batch}, ITM batch {FLAGS.itm_batch}")
+        f"batch {FLAGS.batch}, ITM batch {FLAGS.itm_batch}, image key/value cache "
+        f"{'on' if scorer.image_cache else 'off'}")
   table = [("embed images", t_images), ("embed captions", t_texts), ("ITC sims + top-k", t_itc),
            (f"ITM rerank ({pairs} pairs, {pairs / max(t_rerank, 1e-9):,.0f}/s)", t_rerank),
            ("recall ranks", t_ranks), ("evaluation 1 (compiles)", calls[0]), ("evaluation 2", calls[1]),

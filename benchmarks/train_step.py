@@ -7,7 +7,7 @@ Several configs in one run (one table):
   python benchmarks/train_step.py --config=configs/albef.py,configs/mamo.py --batch=128
 
 Model FLOPs are counted from the step's jaxpr (vlpjax/flops.py: student forward + backward,
-teacher forward), with remat off; MFU = FLOPs/img * img/s / peak.
+teacher forward), with remat off (--remat=POLICY for the timed step); MFU = FLOPs/img * img/s / peak.
 """
 import os
 import re
@@ -25,7 +25,8 @@ flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
 flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s of one device for MFU (H100 SXM bf16: 989).")
 flags.DEFINE_string("dtype", "", "Override the compute dtype (float32 / bfloat16).")
 flags.DEFINE_string("attention_impl", "", "Override config.model.vision.attention_impl ('xla', 'cudnn').")
-flags.DEFINE_bool("remat", False, "Rematerialise each layer in the backward pass.")
+flags.DEFINE_string("remat", "none", "Remat policy of every layer (config.model.remat: none, full, dots, "
+                    "dots_all; true / false = full / none).")
 flags.DEFINE_string("rules", "dp", "Sharding rule preset.")
 flags.DEFINE_string("profile_dir", "", "If set: trace 3 more steps with jax.profiler into "
                     "PROFILE_DIR/<config>, write the compiled HLO there and print the device "
@@ -64,7 +65,7 @@ def bench_one(spec: str) -> dict:
   # Model FLOPs: counted with XLA attention, whose matmuls the jaxpr shows (a cuDNN call is opaque).
   attention = config.model.vision.get("attention_impl", "")
   config.model.vision.attention_impl = "xla"
-  setup, step = build(False)
+  setup, step = build("none")
   batch_shapes = synthetic.batch_shapes(config, FLAGS.batch)
   flops_per_img = flops.count_flops(step.jitted, setup.abstract, batch_shapes) / FLAGS.batch
   config.model.vision.attention_impl = attention
@@ -121,7 +122,7 @@ def _time(spec, compiled, state, batches, compile_s, attention, config, flops_pe
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   return dict(config=spec, device=f"{jax.device_count()}x {device.device_kind}", batch=FLAGS.batch,
               attention=attention or f"default ({'cudnn' if jax.default_backend() == 'gpu' else 'xla'})",
-              dtype=config.model.dtype, remat=FLAGS.remat, img_s=img_s,
+              dtype=config.model.dtype, remat=setup.model.config.remat, img_s=img_s,
               gflop_img=flops_per_img / 1e9,
               mfu=flops_per_img * img_s / (FLAGS.peak_tflops * 1e12 * jax.device_count()),
               peak_gib=peak / 2**30, compile_s=compile_s, loss=float(np.asarray(metrics["loss"])))

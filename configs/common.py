@@ -76,6 +76,13 @@ def demo_optim(lr: float = 1e-3) -> dict:
               freeze=(), lr_mult=())
 
 
+def remat_field(policy: str = "none") -> ml_collections.FieldReference:
+  """`config.model.remat`: a policy name of `vlpjax.models.layers.REMAT_POLICIES` ('none', 'full',
+  'dots', 'dots_all'), typed `object` so that old configs and flags giving True / False (= 'full' /
+  'none') still override it (a str field would refuse a bool)."""
+  return ml_collections.FieldReference(policy, field_type=object)
+
+
 def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
   """The ALBEF 4M recipe (docs/method_spec.md §1.3), shrunk by `tiny` / `demo`. Returns (config, args)."""
   from input_pipeline import inputs  # input blocks live beside the pipeline they configure
@@ -89,7 +96,7 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
   # The EMA teacher (ALBEF's momentum model): momentum 0 would mean no teacher at all.
   c.teacher = dict(momentum=0.995, alpha=0.4, alpha_ramp_steps=-1)
   c.model = dict(vision=vit_b16(256), text=bert_base(), fusion="cross", embed_dim=256,
-                 heads=("itc", "itm", "mlm"), dtype="bfloat16", remat=False)
+                 heads=("itc", "itm", "mlm"), dtype="bfloat16", remat=remat_field())
   c.objectives = albef_objectives()
   c.optim = albef_optim()
   c.sharding = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules="dp")

@@ -188,6 +188,75 @@ def test_rerank_is_independent_of_batching_and_sharding(tiny_eval):
     _scores(tiny_eval, 4, image_batch=8, text_batch=16, itm_batch=6, mesh=mesh)
 
 
+def test_cached_rerank_matches_uncached(tiny_eval):
+  """Each image's fusion keys and values computed once and shared by its texts: the scores and the
+  metrics of scoring every pair in full, with one image or several per cache block (the last
+  block overlapping its neighbour), 1 to 7 texts per group, and on an 8-device mesh."""
+  model, params, images, text_ids, text_mask = tiny_eval
+
+  def scores(k, image_cache, itm_batch=7, mesh=None, **kw):
+    scorer = retrieval.Scorer(model, k_test=k, itm_batch_size=itm_batch, mesh=mesh, image_cache=image_cache, **kw)
+    assert scorer.image_cache == image_cache and ("image_cache" in scorer.functions) == image_cache
+    got = scorer.scores(params, _padded_batches(dict(image=images), 8 if mesh else 4),
+                        _padded_batches(dict(text_ids=text_ids, text_mask=text_mask), 8 if mesh else 5))
+    return [np.asarray(s) for s in got], scorer
+
+  txt2img = np.arange(len(text_ids)) % len(images)
+  img2txt = [list(np.flatnonzero(txt2img == i)) for i in range(len(images))]
+  for k in (3, 13):   # k = 13: every pair of the split in both directions
+    want, plain = scores(k, False)
+    for kw in (dict(), dict(texts_per_group=1, cache_block=1), dict(cache_block=3)):
+      got, scorer = scores(k, True, **kw)
+      for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=str(kw))
+      assert scorer.recalls(*got, txt2img, img2txt) == pytest.approx(plain.recalls(*want, txt2img, img2txt))
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  got, scorer = scores(3, True, itm_batch=16, mesh=mesh, cache_block=5)
+  assert scorer.texts_per_group == 2
+  for g, w in zip(got, scores(3, False)[0]):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="texts_per_group=4 must divide the ITM batch size 16"):
+    retrieval.Scorer(model, k_test=3, itm_batch_size=16, mesh=mesh, texts_per_group=4)
+
+
+def test_grouped_plan_places_every_pair_once():
+  """`group_pairs_by_image` on random pairs: each pair at its slot, one image per group, each
+  group's image in its chunk's block, and no more chunks than `most_grouped_chunks`."""
+  rng = np.random.default_rng(0)
+  for num_rows, block, size, per_chunk in ((10, 4, 3, 2), (7, 7, 1, 5), (33, 8, 4, 4)):
+    keys = np.unique(rng.integers(0, num_rows * 20, 120))
+    image_rows, text_rows = keys // 20, keys % 20
+    plan = retrieval.group_pairs_by_image(image_rows, text_rows, num_rows=num_rows, block=block,
+                                          texts_per_group=size, groups_per_chunk=per_chunk)
+    starts, flat_texts = plan["starts"], plan["chunk_texts"].reshape(-1)
+    assert starts[0] == 0 and starts[-1] == num_rows - block and np.all(np.diff(starts) > 0)
+    np.testing.assert_array_equal(flat_texts[plan["slots"]], text_rows)
+    assert len(set(plan["slots"].tolist())) == len(keys)
+    group_of_slot = plan["slots"] // size
+    group_images = plan["chunk_images"].reshape(-1)[group_of_slot] + starts[plan["chunk_block"][group_of_slot // per_chunk]]
+    np.testing.assert_array_equal(group_images, image_rows)
+    assert np.all((plan["chunk_images"] >= 0) & (plan["chunk_images"] < block))
+    assert np.all(np.diff(plan["chunk_block"]) >= 0)
+    assert len(plan["chunk_block"]) <= retrieval.most_grouped_chunks(len(keys), num_rows, len(starts), size, per_chunk)
+
+
+def test_merged_fusion_scores_without_the_cache():
+  """The merged fusion has no cross-attention: no image cache, asked for it fails clearly."""
+  config = albef.get_config("tiny")
+  config.model.fusion = "merged"
+  model = vlp.VLPModel(vlp.ModelConfig.from_config(config.model))
+  assert not retrieval.supports_image_cache(model)
+  scorer = retrieval.Scorer(model, k_test=2)
+  assert not scorer.image_cache and "image_cache" not in scorer.functions
+  with pytest.raises(ValueError, match="image_cache=True: the model"):
+    retrieval.Scorer(model, k_test=2, image_cache=True)
+  states = jax.ShapeDtypeStruct((2, 5, model.config.vision.width), jnp.float32)
+  abstract = jax.eval_shape(lambda r: model.init({"params": r, "dropout": r}, *vlp.init_inputs(model.config)),
+                            jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="needs cross-attention fusion"):
+    jax.eval_shape(lambda v, s: model.apply(v, s, method=model.fusion_image_cache), abstract, states)
+
+
 def test_evaluate_rejects_index_maps_of_another_split(tiny_eval):
   model, params, images, text_ids, text_mask = tiny_eval
   with pytest.raises(ValueError, match="index maps"):
@@ -275,8 +344,9 @@ def test_evaluator_compiles_once_and_keeps_fsdp_params_in_place(tiny_eval, monke
 
   assert all(first.count(f"jit({name})") == 1 for name in ("embed_images", "embed_texts", "score")), first
   assert later == []
-  assert set(evaluator.functions) == {"embed_images", "embed_texts", "similarities", "ranks", "pair_scores",
-                                      "write_chunk", "top_k_scores"}
+  assert evaluator.scorer.image_cache   # the tiny ALBEF model's cross fusion: cached rerank
+  assert set(evaluator.functions) == {"embed_images", "embed_texts", "similarities", "ranks", "image_cache",
+                                      "pair_scores", "write_chunk", "top_k_scores"}
   assert {name: fn._cache_size() for name, fn in evaluator.functions.items()} == cache_sizes
   assert all(cache_sizes.values())
   assert results[0] == results[1] == results[2]

@@ -22,6 +22,11 @@ The model copy used here sets `sow_attention=True` (fusion cross-attention); the
 the model's ViT params (`params["vision"]`) through a `VisionTransformer(sow_weights=True)`,
 because `VLPModel` does not forward `sow_attention` to its image tower.
 
+The retrieval rerank's image key/value cache (`VLPModel.fusion_image_cache`) is not used here:
+each eval example is one (image, expression) pair fused once, so every image's keys and values
+are already computed once per example; sharing them between the expressions of one image would
+need the eval data grouped by image, and the image tower (run per example too) costs far more.
+
 Deliberate differences from ALBEF's Grounding.py / grounding_eval (none changes a ranking):
   - The text-token average divides by the number of valid tokens; ALBEF divides by the padded
     length of the batch (a per-example constant factor, so box rankings are identical).

@@ -18,6 +18,7 @@ without compiling. With a `mesh`, every batch is split over the mesh's batch axe
 in their own sharding (see `common`).
 """
 import functools
+import inspect
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from vlpjax import sharding as sharding_lib
 from vlpjax.evaluators import common
 
 # ALBEF's score for pairs outside the top-k of a row.
@@ -211,6 +213,122 @@ def make_pair_score_fn(model):
   return jax.jit(score)
 
 
+def supports_image_cache(model) -> bool:
+  """Whether the rerank can reuse each image's fusion keys and values: cross fusion, a
+  `fusion_image_cache` method and a `fuse` that takes `image_cache` (`VLPModel` has both)."""
+  if getattr(getattr(model, "config", None), "fusion", None) != "cross":
+    return False
+  if not callable(getattr(model, "fusion_image_cache", None)):
+    return False
+  return "image_cache" in inspect.signature(model.fuse).parameters
+
+
+def make_image_cache_fn(model, mesh: Optional[Mesh]):
+  """Jitted (params, image_states [R,N,Dv], start, *, block) -> the fusion's per-layer
+  cross-attention `KeyValue` [block, N, heads, head_dim] of image rows start .. start + block - 1
+  (replicated: every device gathers its pairs' images from it). `block` is static."""
+
+  def image_cache(params, image_states, start, *, block):
+    states = jax.lax.dynamic_slice_in_dim(image_states, start, block, axis=0)
+    return common.replicate_output(model.apply({"params": params}, states, method=model.fusion_image_cache), mesh)
+
+  return jax.jit(image_cache, static_argnames="block")
+
+
+def make_cached_pair_score_fn(model):
+  """Jitted (params, image_cache, text_states [S',L,D], text_mask [S',L], group_images [G],
+  group_texts [G, S]) -> ITM "match" logit [G * S] of the pairs (group_images[g], group_texts[g, s])
+  in that order.
+
+  `image_cache` is `make_image_cache_fn`'s block of per-layer keys and values; group_images index
+  its rows. Each group's S texts attend to one gathered copy of their image's keys and values
+  (`CrossFusion`): no key/value projection of the image per pair.
+  """
+  if "itm" not in model.config.heads:
+    raise ValueError(f"ITM rerank (k_test > 0) needs the 'itm' head; config.model.heads = {model.config.heads}")
+
+  def score(params, image_cache, text_states, text_mask, group_images, group_texts):
+    cache = jax.tree.map(lambda x: x[group_images], image_cache)   # [G, N, heads, head_dim] per layer
+    rows = group_texts.reshape(-1)
+    fused = model.apply({"params": params}, text_states[rows], text_mask[rows], None, image_cache=cache,
+                        method=model.fuse)
+    return model.apply({"params": params}, fused["text_states"][:, 0], method=model.itm_logits)[:, 1]
+
+  return jax.jit(score)
+
+
+def group_pairs_by_image(image_rows: np.ndarray, text_rows: np.ndarray, *, num_rows: int, block: int,
+                         texts_per_group: int, groups_per_chunk: int) -> dict[str, np.ndarray]:
+  """The cached rerank's plan: pairs grouped by image, groups packed into chunks per image block.
+
+  The image rows 0 .. num_rows - 1 are cut into blocks of `block` rows (block b starts at
+  min(b * block, num_rows - block), so the last one may overlap its neighbour); each block's
+  keys and values are computed once. Each image's pairs are cut into groups of
+  `texts_per_group` (S) texts, the last padded, and each block's groups into chunks of
+  `groups_per_chunk` (G) groups, the last padded; padding is image 0 / text row 0 and unused.
+
+  Args:
+    image_rows, text_rows: int [n], the pairs (rows of the embedded image / text states).
+    num_rows: image rows R; block: rows per cache block (<= R).
+
+  Returns dict:
+    starts int [blocks]: each block's first row;
+    chunk_block int [chunks]: the block of each chunk (chunks ordered by block);
+    chunk_images int32 [chunks, G]: each group's image, a row of its block's cache (row - start);
+    chunk_texts int32 [chunks, G, S]: each group's text rows;
+    slots int [n]: pair j's logit lands at slots[j] of the flattened [chunks, G * S] outputs.
+  """
+  image_rows, text_rows = np.asarray(image_rows, np.int64), np.asarray(text_rows, np.int64)
+  size, per_chunk = int(texts_per_group), int(groups_per_chunk)
+  num_blocks = -(-num_rows // block)
+  starts = np.minimum(np.arange(num_blocks) * block, num_rows - block)
+  n = len(image_rows)
+  if not n:
+    return dict(starts=starts, chunk_block=np.zeros([0], np.int64), chunk_images=np.zeros([0, per_chunk], np.int32),
+                chunk_texts=np.zeros([0, per_chunk, size], np.int32), slots=np.zeros([0], np.int64))
+  order = np.argsort(image_rows, kind="stable")
+  rows, texts = image_rows[order], text_rows[order]
+  run_start = np.r_[True, rows[1:] != rows[:-1]]                    # first pair of each image
+  position = np.arange(n) - np.flatnonzero(run_start)[np.cumsum(run_start) - 1]   # within its image
+  within = position % size                                           # slot within its group
+  group_start = within == 0
+  group = np.cumsum(group_start) - 1                                 # each pair's group
+  group_rows = rows[group_start]
+  group_blocks = group_rows // block
+  block_start = np.r_[True, group_blocks[1:] != group_blocks[:-1]]   # first group of each block
+  first = np.flatnonzero(block_start)
+  block_of_run = np.cumsum(block_start) - 1
+  rank = np.arange(len(group_rows)) - first[block_of_run]            # group's rank within its block
+  chunks_per_block = -(-np.diff(np.r_[first, len(group_rows)]) // per_chunk)
+  chunk_offset = np.r_[0, np.cumsum(chunks_per_block)[:-1]]
+  group_chunk = chunk_offset[block_of_run] + rank // per_chunk
+  group_position = rank % per_chunk
+  num_chunks = int(chunks_per_block.sum())
+  chunk_images = np.zeros([num_chunks, per_chunk], np.int32)
+  chunk_images[group_chunk, group_position] = group_rows - starts[group_blocks]
+  chunk_texts = np.zeros([num_chunks, per_chunk, size], np.int32)
+  chunk_texts[group_chunk[group], group_position[group], within] = texts
+  slots = np.empty(n, np.int64)
+  slots[order] = (group_chunk[group] * per_chunk + group_position[group]) * size + within
+  return dict(starts=starts, chunk_block=np.repeat(group_blocks[first], chunks_per_block),
+              chunk_images=chunk_images, chunk_texts=chunk_texts, slots=slots)
+
+
+def most_grouped_chunks(num_pairs: int, num_images: int, num_blocks: int, texts_per_group: int,
+                        groups_per_chunk: int) -> int:
+  """An upper bound on `group_pairs_by_image`'s chunks for at most `num_pairs` pairs of
+  `num_images` images: sum_i ceil(m_i / S) <= (P + I (S - 1)) / S groups, and each of the blocks
+  adds at most G - 1 padding groups."""
+  groups = (num_pairs + num_images * (texts_per_group - 1)) // texts_per_group
+  return (groups + num_blocks * (groups_per_chunk - 1)) // groups_per_chunk
+
+
+def default_texts_per_group(itm_batch_size: int, shards: int, most: int = 16) -> int:
+  """The largest S <= `most` that leaves itm_batch_size / S groups splitting over `shards`."""
+  per_shard = itm_batch_size // shards
+  return max(s for s in range(1, min(most, per_shard) + 1) if per_shard % s == 0)
+
+
 def unique_top_k_pairs(i2t_top: np.ndarray, t2i_top: np.ndarray, num_texts: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The distinct (image, text) pairs of both top-k lists, each pair once.
@@ -246,9 +364,11 @@ def _top_k_scores(pair_logits, inverse, i2t_top, t2i_top):
   """ALBEF's rerank matrices from the logits of the distinct pairs.
 
   Args:
-    pair_logits: float32 [chunks, chunk]; flattened, the ITM logit of distinct pair p at p (rows
-      past n unused).
-    inverse: int [I * k1 + T * k2] from `unique_top_k_pairs`.
+    pair_logits: float32 [chunks, chunk], the ITM logits of the distinct pairs (flattened; other
+      entries unused).
+    inverse: int [I * k1 + T * k2], for each entry of the flattened top-k lists (i2t_top row-major,
+      then t2i_top) the flat position of its pair's logit: `unique_top_k_pairs`'s inverse when
+      distinct pair p is at p, the `group_pairs_by_image` slots of that inverse with the cache.
     i2t_top: int [I, k1]; t2i_top: int [T, k2].
 
   Returns:
@@ -276,18 +396,46 @@ class Scorer:
   params) are scored in fixed-size chunks written into a buffer with room for the most chunks
   there can be (every pair distinct), so new params never compile anything.
 
+  Image key/value cache (cross fusion): each fusion layer's cross-attention keys and values of an
+  image are a projection of its states alone, the same for every text, so the rerank computes
+  them once per image per evaluation (`image_cache` function, per block of `cache_block` image
+  rows) instead of once per pair; the distinct pairs are grouped by image, `texts_per_group`
+  texts of one image to a group, and a chunk of `itm_batch_size` pairs fuses its groups
+  against their gathered images' keys and values (`make_cached_pair_score_fn`). This serves
+  both directions: image->text pairs and text->image pairs are the same (image, text) pairs,
+  ordered by image. The merged (single-stream) fusion has no cross-attention: its image tokens
+  are transformed together with the text in every layer, so nothing per image can be reused;
+  such models (and any model without `fusion_image_cache`) score every pair in full.
+
   Args:
     model: a VLPModel, or any model with encode_image, encode_text, project_image, project_text
-      (and, for the rerank, fuse and itm_logits).
+      (and, for the rerank, fuse and itm_logits; for the cache, fusion_image_cache and a fuse
+      taking image_cache).
     k_test: 0 = ITC similarities; > 0 = ALBEF's ITM rerank of the top-k in both directions.
     itm_batch_size: pairs per jitted ITM call.
     mesh: optional; batches are split over its batch axes (sizes must divide).
+    image_cache: None = use the image key/value cache where the model supports it
+      (`supports_image_cache`); False = score every pair in full; True = require the cache.
+    texts_per_group: S, texts fused per gathered image (must divide itm_batch_size into a number
+      of groups that splits over the mesh's batch shards); 0 = `default_texts_per_group`.
+    cache_block: image rows whose keys and values are held at once (bounds the cache's memory:
+      rows x fusion layers x 2 x tokens x width).
   """
 
-  def __init__(self, model, *, k_test: int = 0, itm_batch_size: int = 128, mesh: Optional[Mesh] = None):
+  def __init__(self, model, *, k_test: int = 0, itm_batch_size: int = 128, mesh: Optional[Mesh] = None,
+               image_cache: Optional[bool] = None, texts_per_group: int = 0, cache_block: int = 128):
     self.model, self.k_test, self.itm_batch_size, self.mesh = model, int(k_test), int(itm_batch_size), mesh
     if self.k_test < 0:
       raise ValueError(f"k_test (config.eval.k_test) must be >= 0, got {self.k_test}")
+    supported = supports_image_cache(model)
+    if image_cache and not supported:
+      raise ValueError(f"image_cache=True: the model ({type(model).__name__}, fusion "
+                       f"{getattr(getattr(model, 'config', None), 'fusion', None)!r}) has no image key/value cache "
+                       "(cross fusion with fusion_image_cache)")
+    self.image_cache = bool(self.k_test and supported and image_cache is not False)
+    self.cache_block = int(cache_block)
+    if self.cache_block < 1:
+      raise ValueError(f"cache_block must be >= 1, got {cache_block}")
     embed_images, embed_texts = make_embed_fns(model, keep_states=self.k_test > 0)
     self.functions = dict(
         embed_images=embed_images, embed_texts=embed_texts,
@@ -296,9 +444,18 @@ class Scorer:
     if self.k_test:
       common.check_divisible(self.itm_batch_size, mesh, "ITM batch size")
       self.functions.update(
-          pair_scores=make_pair_score_fn(model),
+          pair_scores=make_cached_pair_score_fn(model) if self.image_cache else make_pair_score_fn(model),
           write_chunk=jax.jit(functools.partial(_write_chunk, mesh=mesh), donate_argnums=0),
           top_k_scores=jax.jit(_top_k_scores))
+    if self.image_cache:
+      shards = sharding_lib.num_batch_shards(mesh) if mesh is not None else 1
+      self.texts_per_group = int(texts_per_group) or default_texts_per_group(self.itm_batch_size, shards)
+      groups, rest = divmod(self.itm_batch_size, self.texts_per_group)
+      if self.texts_per_group < 1 or rest or groups % shards:
+        raise ValueError(f"texts_per_group={texts_per_group} must divide the ITM batch size {self.itm_batch_size} "
+                         f"into a number of groups divisible by the {shards} batch shards")
+      self.groups_per_chunk = groups
+      self.functions["image_cache"] = make_image_cache_fn(model, mesh)
 
   def embed_images(self, params, batches: Iterable[dict]) -> tuple[dict[str, jax.Array], np.ndarray]:
     """`embed_all` of the image batches: image plus any extra image-side inputs (e.g. concept_ids)."""
@@ -322,7 +479,8 @@ class Scorer:
 
     The distinct pairs of both directions (a pair in both top-k lists is scored once) are scored
     in `itm_batch_size` chunks, dispatched without waiting for each other; only the top-k
-    indices come to the host (to find the distinct pairs) and only pair indices go back.
+    indices come to the host (to find the distinct pairs) and only pair indices go back. With
+    the image cache the pairs are grouped by image (`group_pairs_by_image`).
 
     Returns:
       (scores_i2t [I, T], scores_t2i [T, I]), float32 on device.
@@ -330,6 +488,9 @@ class Scorer:
     fns, mesh, chunk = self.functions, self.mesh, self.itm_batch_size
     pair_images, pair_texts, inverse = unique_top_k_pairs(np.asarray(i2t_top), np.asarray(t2i_top),
                                                           len(text_rows))
+    if self.image_cache:
+      return self._cached_rerank(params, images, image_rows, texts, text_rows, i2t_top, t2i_top,
+                                 image_rows[pair_images], text_rows[pair_texts], inverse)
     # The states every pair gathers from, replicated once (not once per chunk).
     image_states, text_states, text_mask = common.put_replicated(
         (images["states"], texts["states"], texts["mask"]), mesh)
@@ -345,6 +506,33 @@ class Scorer:
                                   common.put_batch(image_chunk, mesh), common.put_batch(text_chunk, mesh))
       logits = common.settle(fns["write_chunk"](logits, scores, np.int32(n)))
     return fns["top_k_scores"](logits, inverse, i2t_top, t2i_top)
+
+  def _cached_rerank(self, params, images, image_rows, texts, text_rows, i2t_top, t2i_top, pair_image_rows,
+                     pair_text_rows, inverse):
+    """`rerank` with each image's fusion keys and values computed once (per block of image rows)."""
+    fns, mesh = self.functions, self.mesh
+    num_rows = images["states"].shape[0]
+    block = min(self.cache_block, num_rows)
+    plan = group_pairs_by_image(pair_image_rows, pair_text_rows, num_rows=num_rows, block=block,
+                                texts_per_group=self.texts_per_group, groups_per_chunk=self.groups_per_chunk)
+    # Room for the most chunks there can be: the shapes do not depend on the params.
+    most = most_grouped_chunks(len(inverse), len(image_rows), len(plan["starts"]), self.texts_per_group,
+                               self.groups_per_chunk)
+    assert len(plan["chunk_block"]) <= most, (len(plan["chunk_block"]), most)
+    logits = np.zeros([max(most, 1), self.itm_batch_size], np.float32)
+    logits = jax.device_put(logits, common.chunk_rows_sharding(mesh)) if mesh is not None else jnp.asarray(logits)
+    image_states, text_states, text_mask = common.put_replicated(
+        (images["states"], texts["states"], texts["mask"]), mesh)
+    cache, cached_block = None, -1
+    for n, block_index in enumerate(plan["chunk_block"]):
+      if block_index != cached_block:   # chunks come block by block: each block's cache is made once
+        cache = common.settle(fns["image_cache"](params, image_states, np.int32(plan["starts"][block_index]),
+                                                 block=block))
+        cached_block = block_index
+      scores = fns["pair_scores"](params, cache, text_states, text_mask, common.put_batch(plan["chunk_images"][n], mesh),
+                                  common.put_batch(plan["chunk_texts"][n], mesh))
+      logits = common.settle(fns["write_chunk"](logits, scores, np.int32(n)))
+    return fns["top_k_scores"](logits, plan["slots"][inverse].astype(np.int32), i2t_top, t2i_top)
 
   def scores(self, params, image_batches: Iterable[dict], text_batches: Iterable[dict]
              ) -> tuple[jax.Array, jax.Array]:

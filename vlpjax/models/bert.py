@@ -84,7 +84,11 @@ def feed_forward_block(cfg: TextConfig, dtype, x, deterministic: bool):
 
 
 class BertLayer(nn.Module):
-  """Self-attention, optional cross-attention to `memory`, then the feed-forward block."""
+  """Self-attention, optional cross-attention to `memory`, then the feed-forward block.
+
+  `memory` may be the `layers.KeyValue` cache of this layer's cross-attention, which
+  `x=None` returns (the projected keys and values of `memory`; nothing else runs).
+  """
   cfg: TextConfig
   cross_attention: bool = False
   dtype: Any = jnp.float32
@@ -93,6 +97,9 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask, memory=None, memory_mask=None, deterministic=True):
     cfg = self.cfg
+    if x is None:   # the cross-attention key/value cache of `memory`
+      return layers.Attention(cfg.num_heads, cfg.width, cfg.attention_dropout, self.dtype,
+                              name="crossattention")(None, memory, key_value_only=True)
     attn = layers.Attention(cfg.num_heads, cfg.width, cfg.attention_dropout, self.dtype, name="attention")
     x = add_and_norm(cfg, self.dtype, "attention_norm", attn(x, x, mask, deterministic=deterministic), x,
                      deterministic)
@@ -104,9 +111,10 @@ class BertLayer(nn.Module):
     return feed_forward_block(cfg, self.dtype, x, deterministic)
 
 
-def _layer_cls(remat: bool):
+def _layer_cls(remat):
+  """BertLayer under the remat policy `remat` (a `layers.remat_policy` value, or bool)."""
   # `deterministic` (argument 5, counting self) must be static under remat.
-  return nn.remat(BertLayer, static_argnums=(5,)) if remat else BertLayer
+  return layers.remat(BertLayer, remat, static_argnums=(5,))
 
 
 class TextEncoder(nn.Module):
@@ -117,7 +125,7 @@ class TextEncoder(nn.Module):
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
 
   def setup(self):
     self.embeddings = Embeddings(self.cfg, self.dtype)
@@ -138,10 +146,15 @@ class CrossFusion(nn.Module):
   """ALBEF fusion: text states attend to themselves, then to the image tokens, per layer.
 
   Output positions are the text positions only: `image_states` is None.
+  `image_cache(image_states)` gives each layer's cross-attention keys and values of the image
+  tokens (a list of `layers.KeyValue` [G, N, heads, head_dim]); `__call__(..., image_cache=...)`
+  uses them instead of projecting `image_states` (which may then be None). G may divide the
+  text batch B: each run of B / G consecutive texts then attends to one cached image (the ITM
+  rerank scores many texts per image that way; `layers.Attention`).
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
   sow_weights: bool = False
 
   def setup(self):
@@ -149,11 +162,19 @@ class CrossFusion(nn.Module):
     self.layers = [layer(self.cfg, cross_attention=True, dtype=self.dtype, sow_weights=self.sow_weights,
                          name=f"layer_{i}") for i in range(self.cfg.fusion_layers)]
 
-  def __call__(self, text_states, text_mask, image_states, image_mask=None, *, deterministic=True):
+  def image_cache(self, image_states):
+    """Per-layer cross-attention `layers.KeyValue` of image_states [G, N, Dv] ([G, N, heads, head_dim])."""
+    return [layer(None, None, image_states, None, True) for layer in self.layers]
+
+  def __call__(self, text_states, text_mask, image_states, image_mask=None, *, deterministic=True,
+               image_cache=None):
+    if image_cache is not None and len(image_cache) != len(self.layers):
+      raise ValueError(f"image_cache has {len(image_cache)} layers; the fusion has {len(self.layers)}")
     x = text_states
     layer_text_states = []
-    for layer in self.layers:
-      x = layer(x, text_mask, image_states, image_mask, deterministic)
+    for i, layer in enumerate(self.layers):
+      memory = image_states if image_cache is None else layers.KeyValue(*image_cache[i])
+      x = layer(x, text_mask, memory, image_mask, deterministic)
       layer_text_states.append(x)
     return dict(text_states=x, image_states=None, layer_text_states=layer_text_states,
                 layer_image_states=None)
@@ -167,7 +188,7 @@ class MergedFusion(nn.Module):
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
 
   @nn.compact
   def __call__(self, text_states, text_mask, image_states, image_mask=None, *, deterministic=True):
@@ -191,7 +212,7 @@ class MergedFusion(nn.Module):
                 layer_text_states=layer_text_states, layer_image_states=layer_image_states)
 
 
-def make_fusion(kind: str, cfg: TextConfig, dtype, remat: bool, sow_weights: bool = False) -> nn.Module:
+def make_fusion(kind: str, cfg: TextConfig, dtype, remat, sow_weights: bool = False) -> nn.Module:
   if kind == "cross":
     return CrossFusion(cfg, dtype, remat, sow_weights, name="fusion")
   if kind == "merged":

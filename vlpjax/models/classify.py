@@ -165,11 +165,11 @@ class NlvrFusion(nn.Module):
   """`fusion_layers` pairs; text states [B,L,D] in, text states [B,L,D] out."""
   cfg: bert.TextConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
 
   def setup(self):
     # `deterministic` (argument 5, counting self) must be static under remat.
-    pair = nn.remat(NlvrFusionPair, static_argnums=(5,)) if self.remat else NlvrFusionPair
+    pair = layers.remat(NlvrFusionPair, self.remat, static_argnums=(5,))
     self.pairs = [pair(self.cfg, self.dtype, name=f"pair_{j}") for j in range(self.cfg.fusion_layers)]
 
   def __call__(self, text_states, text_mask, image0_states, image1_states, *, deterministic=True):

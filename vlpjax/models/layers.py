@@ -3,11 +3,12 @@
 Params are float32; `dtype` is the compute dtype. Every param carries logical axis names
 (`embed`, `mlp`, `heads`, `vocab`, ...) that `vlpjax.sharding` maps to mesh axes.
 """
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -56,6 +57,61 @@ class LayerNorm(nn.Module):
         bias_init=with_axes(nn.initializers.zeros, ("embed",)),
         name="norm",
     )(x.astype(jnp.float32)).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- rematerialisation
+
+# `config.model.remat`: what each transformer layer (ViT block, text layer, fusion layer) keeps
+# for the backward pass; the rest is recomputed there from the layer's input. Names -> the
+# `jax.checkpoint_policies` policy of `nn.remat`; 'none' (None) is no rematerialisation at all.
+REMAT_POLICIES = {
+    # Every activation kept (no remat): the most memory, no recompute.
+    "none": None,
+    # Only each layer's input kept; the whole layer forward is recomputed (~1/3 more matmul FLOPs).
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Matmuls without batch dimensions kept: the dense projections (query/key/value/out, both MLP
+    # matmuls). Recomputed: LayerNorms, GELU, the attention core (scores, softmax, context: batched
+    # matmuls, or the fused kernel), dropout. Little recompute; about half the memory of 'none'.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every matmul output kept, the attention scores [B, heads, L, L] included: recomputes only
+    # elementwise work; more memory than 'dots' (mainly there for measuring).
+    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+class RematPolicy(str):
+  """A canonical `REMAT_POLICIES` name; false only for 'none', so `if cfg.remat:` written for the
+  old boolean flag still means "some rematerialisation"."""
+
+  def __bool__(self):
+    return self != "none"
+
+
+def remat_policy(value) -> RematPolicy:
+  """`config.model.remat` -> a canonical policy name.
+
+  Accepts the names of `REMAT_POLICIES` and, for old configs and command lines, booleans
+  (True -> 'full', False -> 'none', also as the strings 'true' / 'false', any case).
+  """
+  if isinstance(value, (bool, np.bool_)) or value is None:
+    return RematPolicy("full" if value else "none")
+  name = str(value).strip().lower()
+  name = {"true": "full", "false": "none", "": "none"}.get(name, name)
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={value!r}; known policies: {sorted(REMAT_POLICIES)} (or True / False)")
+  return RematPolicy(name)
+
+
+def remat(module_class, policy, static_argnums: tuple[int, ...] = ()):
+  """`module_class` rematerialised under `policy` (a `remat_policy` value); 'none' returns it as is.
+
+  `static_argnums` counts `self` as argument 0 (Flax): e.g. BERT layers pass (5,) for their
+  positional `deterministic`, which must be static.
+  """
+  name = remat_policy(policy)
+  if name == "none":
+    return module_class
+  return nn.remat(module_class, static_argnums=static_argnums, policy=REMAT_POLICIES[name])
 
 
 def key_padding_mask(mask: Optional[jax.Array]) -> Optional[jax.Array]:
@@ -111,6 +167,13 @@ def padded_dot_product_attention(query, key, value, mask=None, *, multiple: int,
   return out[:, :q_len]
 
 
+class KeyValue(NamedTuple):
+  """Projected keys and values of an attention, [batch, kv_len, heads, head_dim] each: a cache that
+  `Attention` takes in place of `inputs_kv` (see its `key_value_only`)."""
+  key: jax.Array
+  value: jax.Array
+
+
 class Attention(nn.Module):
   """Multi-head attention with separate query/key/value projections (BERT / ViT layout).
 
@@ -125,6 +188,14 @@ class Attention(nn.Module):
   `implementation` picks the fused kernel: 'xla', 'cudnn' (sequences padded to a multiple of
   `CUDNN_LENGTH_MULTIPLE`, `padded_dot_product_attention`), or '' = cuDNN on a GPU with 16-bit
   compute for long sequences (`CUDNN_MIN_SCORES`) when cuDNN accepts the shapes, XLA otherwise.
+
+  Key/value cache (the ITM rerank's per-image cache): `key_value_only=True` returns the
+  `KeyValue` projections of `inputs_kv` (`inputs_q` is not used); a `KeyValue` given as
+  `inputs_kv` skips the key/value projections. Its batch G may be smaller than the queries'
+  batch B = G * S: then each run of S consecutive query sequences attends to the same keys and
+  values (one attention over those sequences' S * q_len queries side by side, which equals S
+  separate ones: attention is computed per query row), and `mask` is the keys' [G, kv_len];
+  sown probabilities then have that grouped shape [G, heads, S * q_len, kv_len].
   """
   num_heads: int
   out_features: int
@@ -134,7 +205,7 @@ class Attention(nn.Module):
   implementation: str = ""
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, mask=None, *, deterministic=True):
+  def __call__(self, inputs_q, inputs_kv, mask=None, *, deterministic=True, key_value_only=False):
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"unknown attention implementation {self.implementation!r}; known: "
                        f"{ATTENTION_IMPLEMENTATIONS}")
@@ -147,9 +218,20 @@ class Attention(nn.Module):
       y = Dense(inner, ("embed", "heads"), dtype=self.dtype, name=name)(x)
       return y.reshape(y.shape[:-1] + (self.num_heads, head_dim))
 
+    if isinstance(inputs_kv, KeyValue):
+      key, value = inputs_kv
+    else:
+      key = project("key", inputs_kv)      # [batch, kv_len, heads, head_dim]
+      value = project("value", inputs_kv)  # [batch, kv_len, heads, head_dim]
+      if key_value_only:
+        return KeyValue(key, value)
     query = project("query", inputs_q)   # [batch, q_len, heads, head_dim]
-    key = project("key", inputs_kv)      # [batch, kv_len, heads, head_dim]
-    value = project("value", inputs_kv)  # [batch, kv_len, heads, head_dim]
+    batch, q_len = query.shape[:2]
+    if key.shape[0] != batch:   # a cache of G = batch / S key/value sequences, S queries each
+      if batch % key.shape[0]:
+        raise ValueError(f"{batch} query sequences do not split evenly over {key.shape[0]} cached key/value "
+                         "sequences")
+      query = query.reshape(key.shape[0], -1, *query.shape[2:])   # [G, S * q_len, heads, head_dim]
     bool_mask = key_padding_mask(mask)
 
     use_dropout = self.dropout_rate > 0.0 and not deterministic
@@ -176,7 +258,7 @@ class Attention(nn.Module):
             raise
       if context is None:
         context = jax.nn.dot_product_attention(query, key, value, mask=bool_mask, implementation="xla")
-    context = context.reshape(context.shape[:2] + (inner,))
+    context = context.reshape(batch, q_len, inner)
     return Dense(self.out_features, ("heads", "embed"), dtype=self.dtype, name="out")(context)
 
 

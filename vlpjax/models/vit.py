@@ -70,7 +70,7 @@ class VisionTransformer(nn.Module):
   """
   cfg: VisionConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
   sow_weights: bool = False
 
   def setup(self):
@@ -87,7 +87,7 @@ class VisionTransformer(nn.Module):
         (1, cfg.num_patches + 1, cfg.width), jnp.float32)
     self.mask_token = self.param("mask_token", layers.with_axes(nn.initializers.zeros, (None, None, "embed")),
                                  (1, 1, cfg.width), jnp.float32)
-    block = nn.remat(VitBlock) if self.remat else VitBlock
+    block = layers.remat(VitBlock, self.remat)
     self.blocks = [block(cfg, self.dtype, self.sow_weights, name=f"block_{i}") for i in range(cfg.depth)]
     self.norm = layers.LayerNorm(cfg.layer_norm_eps, self.dtype)
 

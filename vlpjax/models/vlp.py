@@ -26,7 +26,9 @@ class ModelConfig:
   embed_dim: int = 256
   heads: tuple[str, ...] = ("itc", "itm", "mlm")
   dtype: str = "float32"
-  remat: bool = False
+  # What each transformer layer keeps for the backward pass: a `layers.REMAT_POLICIES` name
+  # ('none', 'full', 'dots', 'dots_all'); True / False mean 'full' / 'none' (old configs).
+  remat: Any = "none"
   temp_init: float = 0.07
   temp_min: float = 0.001
   temp_max: float = 0.5
@@ -36,6 +38,9 @@ class ModelConfig:
   image_tokens: Any = None
   # Settings of heads that have them: ((name, settings dataclass), ...) sorted by name.
   head_config: tuple = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "remat", layers.remat_policy(self.remat))
 
   @property
   def compute_dtype(self):
@@ -208,8 +213,10 @@ class VLPModel(nn.Module):
       -> dict(states [B, 1+P(+C)|1+K, Dv], layer_cls [depth, B, Dv], layer_states, mask)
       (`concept_ids` feed the model's image-side token encoder, `config.image_tokens`)
     encode_text(ids [B,L], mask [B,L]) -> dict(states [B,L,D], layer_cls [text_layers,B,D], layer_states)
-    fuse(text_states, text_mask, image_states, image_mask=None)
+    fuse(text_states, text_mask, image_states, image_mask=None, image_cache=None)
       -> dict(text_states [B,L,D], image_states [B,N,D] | None, layer_text_states, layer_image_states)
+      (`image_cache` = fusion_image_cache(image_states [G,N,Dv]), G dividing B: cross fusion only)
+    fusion_image_cache(image_states [G,N,Dv]) -> per-layer cross-attention layers.KeyValue
     project_image(cls [B,Dv]) / project_text(cls [B,D]) -> [B, embed_dim], unit norm, float32
     itm_logits(cls [B,D]) -> [B,2]; mlm_logits(states [B,L,D]) -> [B,L,V] float32
     mrm_predict(states [B,T,D]) -> [B,T,D]; mim_predict(states [B,P,D]) -> [B,P,Dv]
@@ -247,8 +254,25 @@ class VLPModel(nn.Module):
   def encode_text(self, ids, mask, deterministic=True):
     return self.text(ids, mask, deterministic=deterministic)
 
-  def fuse(self, text_states, text_mask, image_states, image_mask=None, deterministic=True):
-    return self.fusion(text_states, text_mask, image_states, image_mask, deterministic=deterministic)
+  def fuse(self, text_states, text_mask, image_states, image_mask=None, deterministic=True, image_cache=None):
+    if image_cache is None:
+      return self.fusion(text_states, text_mask, image_states, image_mask, deterministic=deterministic)
+    self._check_image_cache()
+    return self.fusion(text_states, text_mask, image_states, image_mask, deterministic=deterministic,
+                       image_cache=image_cache)
+
+  def fusion_image_cache(self, image_states):
+    """Each fusion layer's cross-attention keys and values of image_states [G, N, Dv]: a list of
+    `layers.KeyValue` [G, N, heads, head_dim] for `fuse(..., image_cache=...)` (cross fusion only:
+    the merged fusion has no cross-attention, its image tokens go through self-attention with
+    the text, so nothing about an image can be computed without its text)."""
+    self._check_image_cache()
+    return self.fusion.image_cache(image_states)
+
+  def _check_image_cache(self):
+    if self.config.fusion != "cross":
+      raise ValueError(f"an image key/value cache needs cross-attention fusion (config.model.fusion='cross'); "
+                       f"this model's fusion is {self.config.fusion!r}")
 
   def project_image(self, cls):
     return self.vision_proj(cls)

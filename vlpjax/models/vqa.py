@@ -123,11 +123,11 @@ class AnswerDecoder(nn.Module):
   cfg: bert.TextConfig
   num_layers: int
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False   # a `layers.remat_policy` value (or bool)
 
   def setup(self):
     # `deterministic` (argument 5, counting self) must be static under remat.
-    layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
+    layer = layers.remat(DecoderLayer, self.remat, static_argnums=(5,))
     self.embeddings = bert.Embeddings(self.cfg, self.dtype)
     self.layers = [layer(self.cfg, self.dtype, name=f"layer_{i}") for i in range(self.num_layers)]
     self.lm_head = heads.MlmHead(self.cfg.width, self.cfg.vocab_size, self.cfg.layer_norm_eps, self.dtype)
