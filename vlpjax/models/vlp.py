@@ -106,7 +106,7 @@ class ImageTokensSpec:
 
 _IMAGE_TOKENS: dict[str, ImageTokensSpec] = {}
 # Modules that register image-token kinds; imported on first use.
-IMAGE_TOKEN_MODULES: list[str] = []
+IMAGE_TOKEN_MODULES: list[str] = ["vlpjax.models.concepts"]
 
 
 def register_image_tokens(kind: str, *, config_class, build) -> ImageTokensSpec:
