@@ -97,14 +97,17 @@ def recall_at_k(scores_i2t, scores_t2i, txt2img, img2txt: list[list[int]], ks=(1
 
 
 def make_embed_fns(model, *, keep_states: bool):
-  """Jitted `embed_images(params, images)` and `embed_texts(params, ids, mask)`.
+  """Jitted `embed_images(params, images, extra=None)` and `embed_texts(params, ids, mask)`.
+
+  `extra`: further image-side inputs of the image batches (ViCHA's concept_ids, concept_mask),
+  passed to `model.encode_image` as keyword arguments.
 
   Returns dicts: feat [B, embed_dim] (unit norm, float32) and, with `keep_states`, the encoder
   states [B, tokens, width] the ITM rerank fuses.
   """
 
-  def embed_images(params, images):
-    out = model.apply({"params": params}, images, method=model.encode_image)
+  def embed_images(params, images, extra=None):
+    out = model.apply({"params": params}, images, **(extra or {}), method=model.encode_image)
     feat = model.apply({"params": params}, out["states"][:, 0], method=model.project_image)
     return dict(feat=feat, states=out["states"]) if keep_states else dict(feat=feat)
 
@@ -266,7 +269,9 @@ def retrieval_scores(model, params, image_batches: Iterable[dict], text_batches:
   if mesh is not None:
     params = jax.device_put(params, sharding_lib.replicated(mesh))
   embed_images, embed_texts = make_embed_fns(model, keep_states=keep)
-  images, image_rows = embed_all(image_batches, lambda b: embed_images(params, b["image"]), mesh)
+  images, image_rows = embed_all(
+      image_batches, lambda b: embed_images(params, b["image"], {k: v for k, v in b.items()
+                                                                 if k not in ("image", "image_index")}), mesh)
   texts, text_rows = embed_all(text_batches, lambda b: dict(embed_texts(params, b["text_ids"], b["text_mask"]),
                                                               mask=b["text_mask"]), mesh)
   image_feat = images["feat"][jnp.asarray(image_rows)]
