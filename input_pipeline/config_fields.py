@@ -49,6 +49,9 @@ FIELDS: dict[str, tuple[Any, str]] = {
                 "|normalize('clip'), the image ops; tasks: `tasks.eval_pp_spec`)"),
     "eval_text_pp": ("", "caption eval text ops; '' = clean_caption({caption_max_words})"
                      "|tokenize({eval_len})"),
+    "extra_pp": ("", "per-example ops appended to a task format's default training ops (a method's "
+                 "further inputs, e.g. ViCHA's concept strings)"),
+    "eval_extra_pp": ("", "per-example ops appended to a task format's default eval ops"),
     "eval_max_len": (0, "eval tokens per caption (0 = max_len; knob {eval_len} is the result)"),
     "eval_annotations": ("", "json: annotation file(s) of the eval split"),
     "eval_tfrecord_pattern": ("", "tfrecord: glob of the eval split's shards"),
@@ -85,7 +88,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 # The op-string fields; `fill` runs over each before it is parsed.
-OP_FIELDS = ("pp", "batch_pp", "device_augment_pp", "device_pp", "eval_pp", "eval_text_pp")
+OP_FIELDS = ("pp", "batch_pp", "device_augment_pp", "device_pp", "eval_pp", "eval_text_pp", "extra_pp",
+             "eval_extra_pp")
 
 # Placeholders computed from the knobs: name -> (meaning, fn(cfg)).
 DERIVED = {

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from vlpjax import sharding as sharding_lib
 from vlpjax.models import classify as classify_models
+from vlpjax.models import concepts
 
 EVAL_KEYS = ()
 
@@ -85,13 +86,13 @@ def make_predict_fn(model):
 
     def logits(params, batch):
       return model.apply({"params": params}, batch["image0"], batch["image1"], batch["text_ids"],
-                         batch["text_mask"], method=model.nlvr_logits)
+                         batch["text_mask"], **concepts.batch_concepts(batch, pair=True), method=model.nlvr_logits)
   else:
     keys = ("image", "text_ids", "text_mask")
 
     def logits(params, batch):
       return model.apply({"params": params}, batch["image"], batch["text_ids"], batch["text_mask"],
-                         method=model.cls_logits)
+                         **concepts.batch_concepts(batch), method=model.cls_logits)
 
   def predict(params, batch):
     return jnp.argmax(logits(params, batch), axis=-1).astype(jnp.int32)
@@ -132,7 +133,9 @@ def predict_all(model, params, batches: Iterable[dict], mesh: Optional[Mesh] = N
     if mesh is not None and size % sharding_lib.num_batch_shards(mesh):
       raise ValueError(f"eval batch size {size} is not divisible by the "
                        f"{sharding_lib.num_batch_shards(mesh)} batch shards of the mesh")
-    predictions.append(predict(params, {k: _put(batch[k], mesh) for k in keys}))
+    # The model inputs, with the concept strings (ViCHA) when the batches carry them.
+    inputs = keys + tuple(k for k in concepts.CONCEPT_KEYS + concepts.PAIR_CONCEPT_KEYS if k in batch)
+    predictions.append(predict(params, {k: _put(batch[k], mesh) for k in inputs}))
     labels.append(np.asarray(batch["label"]))
     valid.append(np.asarray(batch["valid"]).astype(bool))
     indices.append(np.asarray(batch["index"]) if "index" in batch else np.full([size], -1))

@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vlpjax import sharding as sharding_lib
+from vlpjax.models import concepts as concepts_lib
 from vlpjax.objectives import vqa as vqa_objectives
 
 # ----------------------------------------------------------------------------- official normalisation
@@ -249,9 +250,9 @@ def make_predict_fn(model, *, k_test: int = 128, rank_fix: bool = False):
   """
   mode = model.config.vqa_mode
 
-  def predict(params, image, text_ids, text_mask, candidate_ids, candidate_mask):
+  def predict(params, image, text_ids, text_mask, candidate_ids, candidate_mask, concepts=None):
     variables = {"params": params}
-    q_states = model.apply(variables, image, text_ids, text_mask, method=model.vqa_encode)
+    q_states = model.apply(variables, image, text_ids, text_mask, **(concepts or {}), method=model.vqa_encode)
     if mode == "classify":
       logits = model.apply(variables, q_states[:, 0], method=model.vqa_logits)
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -306,8 +307,9 @@ def predict_answers(model, params, batches, candidate_ids: np.ndarray, candidate
       value = np.asarray(batch[key])
       return _put(value, sharding_lib.batch_sharding(mesh, value.ndim) if mesh is not None else None)
 
+    concepts = {k: put(k) for k in concepts_lib.batch_concepts(batch)}  # ViCHA's concept strings, if any
     predicted.append(predict(params, put("image"), put("text_ids"), put("text_mask"), candidate_ids,
-                             candidate_mask))
+                             candidate_mask, concepts))
     rows.append(np.where(valid, np.asarray(batch["index"]), -1))
   if not predicted:
     raise ValueError("VQA evaluation: no batches")

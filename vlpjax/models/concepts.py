@@ -31,6 +31,15 @@ import jax.numpy as jnp
 from vlpjax.models import bert, layers, vlp
 
 KIND = "concepts"
+# Batch keys of the concept strings: one image, and NLVR2's two (image0, image1).
+CONCEPT_KEYS = ("concept_ids", "concept_mask")
+PAIR_CONCEPT_KEYS = ("concept0_ids", "concept0_mask", "concept1_ids", "concept1_mask")
+
+
+def batch_concepts(batch, pair: bool = False) -> dict:
+  """The concept inputs `batch` holds, by name, for a model method's keyword arguments (empty
+  when it holds none): `concept_ids`, `concept_mask`, or with `pair` NLVR2's per-image keys."""
+  return {key: batch[key] for key in (PAIR_CONCEPT_KEYS if pair else CONCEPT_KEYS) if key in batch}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +107,9 @@ def init_from_text(text_params: dict, num_layers: int = 2) -> dict:
     The `image_tokens` subtree without `proj` (which `init_from` then initialises):
     {embeddings, layer_0, ..., layer_{num_layers-1}}, copies of the text tower's.
   """
-  missing = [f"layer_{i}" for i in range(num_layers) if f"layer_{i}" not in text_params]
-  if "embeddings" not in text_params or missing:
-    raise ValueError(f"init_from_text: the text params lack {(['embeddings'] if 'embeddings' not in text_params else []) + missing}")
+  missing = [name for name in ["embeddings"] + [f"layer_{i}" for i in range(num_layers)] if name not in text_params]
+  if missing:
+    raise ValueError(f"init_from_text: the text params lack {missing}")
   out = {"embeddings": text_params["embeddings"]}
   out.update({f"layer_{i}": text_params[f"layer_{i}"] for i in range(num_layers)})
   return out
