@@ -16,7 +16,8 @@ border pixels dropped) and 384 px for VQA and NLVR2 (METHODS.md §2.4): pass `re
 
   python -m vlpjax.main --config=configs/vicha_finetune.py:retrieval,flickr,res=380 --workdir=/tmp/vicha_flickr \
     --config.init_from.path=/ckpt/vicha_4m \
-    --config.input.annotations=/data/flickr30k_train_kw.json --config.input.eval_annotations=/data/flickr30k_test_kw.json \
+    --config.input.annotations=/data/flickr30k_train_kw.json \
+    --config.input.eval_annotations=/data/flickr30k_test_kw.json \
     --config.input.image_root=/data/flickr30k --config.input.tokenizer.path=/data/vocab.txt
 
 Zero-shot retrieval of a (converted) ViCHA checkpoint: `python -m vlpjax.evaluate` with the same config.
