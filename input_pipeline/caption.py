@@ -100,14 +100,17 @@ class EvalData:
     text_ids, text_mask: int32 [num_texts, L], all captions tokenized.
     num_invalid_images: images found undecodable in the last full `image_batches` pass;
       they stay in the index as all-zero images (so indices still line up), and are logged.
+    extra_fields: further numeric fields of the image batches, name -> (shape, dtype) of one
+      row: what the eval image ops add besides the image (ViCHA's concept_ids, concept_mask).
   """
 
   def __init__(self, *, images: tf.data.Dataset, image_shape: tuple, num_images: int,
                captions: list[str], txt2img: np.ndarray, image_ids: np.ndarray,
                text_ids: np.ndarray, text_mask: np.ndarray, batch_size: int,
-               process_index: int, process_count: int, name: str):
+               process_index: int, process_count: int, name: str, extra_fields: dict | None = None):
     self._images = images
     self._image_shape = image_shape
+    self.extra_fields = dict(extra_fields or {})
     self.num_images = num_images
     self.captions = captions
     self.txt2img = txt2img
@@ -132,7 +135,8 @@ class EvalData:
                                         self._process_count)
 
   def image_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """dict(image float32 [B, H, W, 3], image_index int32 [B] (-1 on padding), valid [B]).
+    """dict(image float32 [B, H, W, 3], image_index int32 [B] (-1 on padding), valid [B], and
+    each of `extra_fields` [B, ...]).
 
     Images the ops flagged invalid, and those whose decoding raised (missing from the
     decoded stream), are all-zero rows at their index, so the index maps stay aligned.
@@ -143,14 +147,17 @@ class EvalData:
     for start in range(0, len(rows), self.batch_size):
       indices = rows[start:start + self.batch_size]
       images = np.zeros([len(indices), *self._image_shape], np.float32)
+      extra = {key: np.zeros([len(indices), *shape], dtype) for key, (shape, dtype) in self.extra_fields.items()}
       for k, (index, example) in enumerate(zip(indices, matched)):
         if index < 0:
           continue
         if example is not None and example["_valid"]:
           images[k] = example["image"]
+          for key in extra:
+            extra[key][k] = example[key]
         else:
           invalid += 1
-      yield {"image": images, "image_index": indices.astype(np.int32), "valid": indices >= 0}
+      yield {**extra, "image": images, "image_index": indices.astype(np.int32), "valid": indices >= 0}
     if invalid:
       logging.warning("eval %s: %d undecodable images kept as all-zero images", self._name,
                       invalid)
@@ -210,9 +217,14 @@ def retrieval_eval_data(cfg: ml_collections.ConfigDict, source: sources.Source, 
   image_pp = pipeline.build_ops(_get(cfg, "eval_pp") or eval_pp(cfg), cfg, "eval_pp")
 
   def prepare(index, example):
+    source_keys = set(example)
     example["_seed"] = pipeline.example_seed(_EVAL_SEED, index)
     example = image_pp(example)
-    return {"image": example["image"], "image_index": index, "_valid": example["_valid"]}
+    # Besides the image, any numeric field the eval ops add is a further image-side model input
+    # (ViCHA's concept_ids, concept_mask), batched with the image.
+    extra = {k: v for k, v in example.items()
+             if k not in source_keys and not k.startswith("_") and v.dtype != tf.string}
+    return {**extra, "image": example["image"], "image_index": index, "_valid": example["_valid"]}
 
   images = (source.examples().enumerate().shard(process_count, process_index)
             .map(pipeline.no_autograph(prepare), num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -221,7 +233,16 @@ def retrieval_eval_data(cfg: ml_collections.ConfigDict, source: sources.Source, 
   if not image_shape.is_fully_defined() or images.element_spec["image"].dtype != tf.float32:
     raise ValueError(f"eval image ops give {images.element_spec['image']}; they must resize "
                      "and normalise to a fixed float32 shape")
+  extra_fields = {}
+  for key, spec in images.element_spec.items():
+    if key in ("image", "image_index", "_valid"):
+      continue
+    if not spec.shape.is_fully_defined():
+      raise ValueError(f"eval image ops give field {key!r} of shape {spec.shape}; batched fields need a "
+                       "fixed shape")
+    extra_fields[key] = (tuple(spec.shape), spec.dtype.as_numpy_dtype)
   return EvalData(images=images, image_shape=tuple(image_shape), num_images=num_images,
+                  extra_fields=extra_fields,
                   captions=captions, txt2img=np.asarray(txt2img, np.int32),
                   image_ids=np.asarray(image_ids), text_ids=text_ids, text_mask=text_mask,
                   batch_size=batch_size, process_index=process_index,

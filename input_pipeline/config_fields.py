@@ -49,6 +49,9 @@ FIELDS: dict[str, tuple[Any, str]] = {
                 "|normalize('clip'), the image ops; tasks: `tasks.eval_pp_spec`)"),
     "eval_text_pp": ("", "caption eval text ops; '' = clean_caption({caption_max_words})"
                      "|tokenize({eval_len})"),
+    "extra_pp": ("", "per-example ops appended to a task format's default training ops (a method's "
+                 "further inputs, e.g. ViCHA's concept strings)"),
+    "eval_extra_pp": ("", "per-example ops appended to a task format's default eval ops"),
     "eval_max_len": (0, "eval tokens per caption (0 = max_len; knob {eval_len} is the result)"),
     "eval_annotations": ("", "json: annotation file(s) of the eval split"),
     "eval_tfrecord_pattern": ("", "tfrecord: glob of the eval split's shards"),
@@ -59,6 +62,16 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "patch_mask_min_block": (16, "knob {patch_mask_min_block}: smallest block (patches) for "
                              "block masking"),
     "caption_max_words": (30, "knob {caption_max_words}: captions are cut to this many words"),
+    # Visual concepts (ViCHA) and MAE.
+    "concept_draws": (4, "knob {concept_draws}: concept words drawn with replacement per training "
+                      "example (ViCHA: int(0.3 * 15) = 4)"),
+    "concept_max_len": (16, "knob {concept_max_len}: training concept-string tokens, [CLS] included"),
+    "eval_concept_max_len": (55, "knob {eval_concept_max_len}: eval concept-string tokens (all 15 "
+                             "words; ViCHA's max_length 55)"),
+    "demo_concept_error_rate": (0.2, "knob {demo_concept_error_rate}: demo_concepts' probability "
+                                "that a scene word is replaced by a distractor"),
+    "mae_mask_ratio": (0.75, "knob {mae_mask_ratio}: MAE's masked-patch fraction (also read by "
+                       "synthetic input when the mae objective is on)"),
     "field_map": ({}, "tfds: common key -> feature path"),
     "path_strip": (0, "json: leading image-path components to drop"),
     "mixture": ((), "mixture: list of dicts {weight, source, ...source fields}"),
@@ -75,7 +88,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 # The op-string fields; `fill` runs over each before it is parsed.
-OP_FIELDS = ("pp", "batch_pp", "device_augment_pp", "device_pp", "eval_pp", "eval_text_pp")
+OP_FIELDS = ("pp", "batch_pp", "device_augment_pp", "device_pp", "eval_pp", "eval_text_pp", "extra_pp",
+             "eval_extra_pp")
 
 # Placeholders computed from the knobs: name -> (meaning, fn(cfg)).
 DERIVED = {

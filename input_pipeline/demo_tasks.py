@@ -26,6 +26,11 @@ text, and chance levels are known (`manifest.json`, key `chance`):
            random boxes (exactly one proposal has IoU >= 0.5 with the target). Test splits: val
            (any expression), testA (attribute expressions), testB (relational expressions).
 
+Every entry also carries ViCHA's visual-concept words as its released downstream files do
+(`kwords`; NLVR2 `kwords1`, `kwords2`): the demo's stand-in for CLIP's top-15 words,
+`concepts.demo_kwords` of the scene (its object words, 20% replaced by distractors, then
+distractors), drawn from a stream of their own so the rest of the data does not change.
+
 Splits `train` and `test` (`test` has ground truth). Built once per (task, config) under
 `$VLPJAX_DEMO_DIR` or `~/.cache/vlpjax/demo_tasks`, guarded by a file lock, into a temporary
 folder renamed into place, so readers only ever see complete data:
@@ -40,11 +45,12 @@ import shutil
 import numpy as np
 from PIL import Image
 
+from input_pipeline import concepts
 from input_pipeline import demo_data
 
 TASKS = ("vqa", "nlvr2", "snli_ve", "refcoco")
 SPLITS = ("train", "test")
-VERSION = 2  # bump when the generated content changes: older builds are then rebuilt
+VERSION = 3  # bump when the generated content changes: older builds are then rebuilt
 DEFAULT_ROOT = os.path.join("~", ".cache", "vlpjax", "demo_tasks")
 MANIFEST = "manifest.json"
 ANSWER_LIST = "answer_list.json"
@@ -168,7 +174,8 @@ def _vqa_units(config: DemoTaskConfig, split: str, num: int, save):
       num_exists += kind == "exists"
       text, answer, confusions = question
       entry = {"question_id": _SPLIT_STREAMS[split] * 1_000_000 + len(entries),
-               "question": text, "image": path, "question_type": kind}
+               "question": text, "image": path, "question_type": kind,
+               "kwords": _kwords(config, "vqa", split, index, scene["objects"])}
       if split == "train" and rng.random() < 0.1:
         entry.update(answer=answer, dataset="vg")
       else:
@@ -285,7 +292,9 @@ def _nlvr2_units(config: DemoTaskConfig, split: str, num: int, save):
         break
     for true, sentence in zip((True, False), sentences):
       entries.append({"identifier": f"{split}-{index}-{int(not true)}", "images": paths,
-                      "sentence": sentence, "label": str(true)})
+                      "sentence": sentence, "label": str(true),
+                      **{f"kwords{slot + 1}": _kwords(config, "nlvr2", split, index, scenes[slot], slot)
+                         for slot in range(2)}})
   return entries
 
 
@@ -338,7 +347,8 @@ def _snli_ve_units(config: DemoTaskConfig, split: str, num: int, save):
     path = save(f"images/{split}_{index:05d}.png", image)
     hypotheses = _snli_ve_hypotheses(scene, rng)
     for label in ("entailment", "neutral", "contradiction"):
-      entries.append({"image": path, "sentence": hypotheses[label], "label": label})
+      entries.append({"image": path, "sentence": hypotheses[label], "label": label,
+                      "kwords": _kwords(config, "snli_ve", split, index, scene["objects"])})
   return entries
 
 
@@ -437,7 +447,7 @@ def _refcoco_units(config: DemoTaskConfig, split: str, num: int, save):
     boxes = [_xywh(o["bbox"], config.image_size) for o in objects]
     for c in rng.permutation(len(choices))[:_EXPRESSIONS_PER_IMAGE]:
       k, text = choices[c]
-      entry = {"image": path, "text": text}
+      entry = {"image": path, "text": text, "kwords": _kwords(config, "refcoco", split, index, objects)}
       if split == "test":
         entry.update(ref_id=len(entries), bbox=boxes[k], split=test_split,
                      proposals=_proposals(boxes, k, config.image_size, rng))
@@ -461,6 +471,12 @@ def _refcoco_chance(test) -> dict:
 
 def _rng(config: DemoTaskConfig, task: str, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([config.seed, _TASK_STREAMS[task], _SPLIT_STREAMS[split], index])
+
+
+def _kwords(config: DemoTaskConfig, task: str, split: str, index: int, objects, slot: int = 0) -> list[str]:
+  """The scene's stand-in concept words (ViCHA's `kwords`), from a generator of their own."""
+  rng = np.random.default_rng([config.seed, _TASK_STREAMS[task], _SPLIT_STREAMS[split], index, 1000 + slot])
+  return concepts.demo_kwords([o["shape"] for o in objects], [o["color"] for o in objects], rng)
 
 
 _UNITS = {"vqa": _vqa_units, "nlvr2": _nlvr2_units, "snli_ve": _snli_ve_units,

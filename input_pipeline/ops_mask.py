@@ -223,25 +223,27 @@ def get_joint_mask(text_prob: float = 0.15, patch_ratio: float = 0.5, grid=(16, 
 
 
 @registry.register("shuffle_keep_patches")
-def get_shuffle_keep_patches(ratio: float = 0.75, grid=(16, 16)):
+def get_shuffle_keep_patches(ratio: float = 0.75, grid=(16, 16), prefix: str = "patch"):
   """MAE random masking by shuffling (ViCHA's MAE branch).
 
-  With noise ~ U[0, 1)^N, shuffle = argsort(noise), keep = N - int(N * ratio):
-  `patch_keep_idx` int32 [keep] = shuffle[:keep] (the visible patches, in shuffled order),
-  `patch_restore_idx` int32 [N] = argsort(shuffle) (puts [visible ; mask tokens] back in
-  place), `patch_mask` bool [N] True on the removed patches.
+  With noise ~ U[0, 1)^N, shuffle = argsort(noise), keep = int(N * (1 - ratio)):
+  `{prefix}_keep_idx` int32 [keep] = shuffle[:keep] (the visible patches, in shuffled order),
+  `{prefix}_restore_idx` int32 [N] = argsort(shuffle) (puts [visible ; mask tokens] back in
+  place), `{prefix}_mask` bool [N] True on the removed patches. ViCHA's config writes
+  prefix='mae': a `patch_mask` would make the context's `masked_image` mask the image that MLM
+  and MAMO's objectives see.
   """
   grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
   num_patches = grid[0] * grid[1]
-  keep = num_patches - int(num_patches * ratio)
+  keep = int(num_patches * (1 - ratio))  # MAE and ViCHA: len_keep = int(L * (1 - mask_ratio))
 
   def fn(example):
     seed = example_seed(example, _SALT_KEEP, "shuffle_keep_patches")
     shuffle = tf.argsort(tf.random.stateless_uniform([num_patches], seed))
     restore = tf.argsort(shuffle)
-    example["patch_keep_idx"] = tf.ensure_shape(shuffle[:keep], [keep])
-    example["patch_restore_idx"] = tf.ensure_shape(restore, [num_patches])
-    example["patch_mask"] = tf.ensure_shape(restore >= keep, [num_patches])
+    example[f"{prefix}_keep_idx"] = tf.ensure_shape(shuffle[:keep], [keep])
+    example[f"{prefix}_restore_idx"] = tf.ensure_shape(restore, [num_patches])
+    example[f"{prefix}_mask"] = tf.ensure_shape(restore >= keep, [num_patches])
     return example
 
   return fn

@@ -1,7 +1,7 @@
 """Pieces every format's pipeline shares: op strings -> op functions, seeds, padded eval rows.
 
 Importing this module registers every tf.data op (`ops_image`, `ops_mask`, `ops_text`,
-`ops_task`), so `build_ops` finds any op name an op string may use.
+`ops_task`, `ops_concepts`), so `build_ops` finds any op name an op string may use.
 """
 import ast
 import math
@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from input_pipeline import config_fields
+from input_pipeline import ops_concepts  # noqa: F401  registers the visual-concept ops
 from input_pipeline import ops_image  # noqa: F401  registers the image ops
 from input_pipeline import ops_mask  # noqa: F401  registers the masking ops
 from input_pipeline import ops_task  # noqa: F401  registers the task ops

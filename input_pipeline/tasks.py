@@ -19,6 +19,13 @@ Annotation entries, per format:
            object) and proposals [[x, y, w, h, ...], ...] (MAttNet detections), both in pixels
            of the image, and split ('val' | 'testA' | 'testB' | ...; default: the split read)
 
+Every format also reads ViCHA's visual-concept words when entries have them (its released
+downstream files): `kwords` (a list of strings; NLVR2: `kwords1`, `kwords2`, one per image), into
+the example field `concepts` (NLVR2: `concepts0`, `concepts1`; string [k], empty for an entry
+without them). The ops that turn them into `concept_ids` / `concept_mask` (NLVR2: `concept0_*`,
+`concept1_*`) are appended to the default ops by `config.input.extra_pp` / `eval_extra_pp`
+(configs/vicha_finetune.py); eval batches carry those fields too (`IMAGE_SIDE_FIELDS`).
+
 Structural problems (invalid JSON, wrong types, missing fields, unknown labels) raise a
 ValueError naming the file and the entry index. Data problems drop the entry and are counted by
 reason, as the caption reader does (`sources.load_json_annotations`): a missing or unreadable
@@ -78,6 +85,13 @@ EVAL_FIELDS = {
                 "split_id"),
 }
 
+
+# Numeric fields the eval ops may add besides `EVAL_FIELDS`: further image-side model inputs
+# (ViCHA's concept strings), batched when present.
+IMAGE_SIDE_FIELDS = ("concept_ids", "concept_mask", "concept0_ids", "concept0_mask", "concept1_ids",
+                     "concept1_mask")
+# Where an entry keeps its concept words (ViCHA's files) -> the example field they are read into.
+_CONCEPT_FIELDS = {"kwords": "concepts", "kwords1": "concepts0", "kwords2": "concepts1"}
 
 _get = config_fields.get
 
@@ -253,6 +267,19 @@ _PARSERS = {"vqa": _parse_vqa, "nlvr2": _parse_nlvr2, "snli_ve": _parse_snli_ve,
             "refcoco": _parse_refcoco}
 
 
+def _concept_words(where: str, entry: dict, fmt: str) -> dict:
+  """{example field: words} of the entry's ViCHA concept lists (`kwords`; NLVR2 `kwords1/2`)."""
+  names = ("kwords1", "kwords2") if fmt == "nlvr2" else ("kwords",)
+  out = {}
+  for name in names:
+    if name in entry:
+      words = entry[name]
+      if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise ValueError(f"{where}: field {name!r} must be a list of strings (got {words!r:.80})")
+      out[_CONCEPT_FIELDS[name]] = [w for w in words if sources._is_utf8(w)]
+  return out
+
+
 def _skip_reason(row: dict, ctx: _ReadContext, check_files: bool) -> str | None:
   if not sources._is_utf8(row["text"]):
     return "bad_utf8_text"
@@ -302,6 +329,7 @@ def load_task_annotations(fmt: str, annotations: str | Sequence[str], image_root
       if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
       row = _PARSERS[fmt](where, entry, ctx)
+      row.update(_concept_words(where, entry, fmt))
       reason = _skip_reason(row, ctx, check_files)
       if reason:
         out.skipped[reason] += 1
@@ -352,12 +380,28 @@ def _example_reader(fmt: str, rows: list[dict], train: bool) -> Callable[[Any], 
   training); nlvr2: image0, image1, sentence, label_name; snli_ve: image, sentence,
   label_name; refcoco training: image, image_id, captions string [1] (the caption reader's
   fields); refcoco eval: image, text, bbox f32 [4], proposal_boxes f32 [k, 4] (pixels x, y, w,
-  h), split_id.
+  h), split_id; and the concept words (`concepts`, NLVR2 `concepts0` / `concepts1`) when the
+  entries have them.
   """
   paths = [_strings([r["images"][k] for r in rows]) for k in range(len(rows[0]["images"]))]
   texts = _strings([r["text"] for r in rows])
   image_ids = tf.constant([r.get("image_id", -1) for r in rows], tf.int64)
+  # ViCHA's concept words, when any entry has them (an entry without gets an empty list).
+  concept_columns = {field: sources._ragged_columns([r.get(field, []) for r in rows])
+                     for field in dict.fromkeys(_CONCEPT_FIELDS.values()) if any(field in r for r in rows)}
+  read_fields = _fields_reader(fmt, rows, train, paths, texts, image_ids)
 
+  def read(i):
+    example = read_fields(i)
+    for field, columns in concept_columns.items():
+      example[field] = sources._rows(*columns, i)
+    return example
+
+  return read
+
+
+def _fields_reader(fmt: str, rows: list[dict], train: bool, paths, texts, image_ids) -> Callable[[Any], dict]:
+  """`_example_reader` without the concept words."""
   if fmt == "vqa":
     answers = sources._ragged_columns([r["answers"] for r in rows])
     weights = _ragged_numbers([r["answer_weights"] for r in rows], np.float32)
@@ -463,7 +507,8 @@ def train_pp_spec(cfg) -> str:
 
   The demo source gets only a mild crop, scale (0.85, 1), as `inputs.demo_input` does for
   captions: its texts state sides, counts, colours and sizes, which flips, strong crops and
-  colour operations would falsify. `config.input.pp` replaces this spec.
+  colour operations would falsify. `config.input.extra_pp` is appended (ViCHA's concept ops);
+  `config.input.pp` replaces this spec.
   """
   fmt, size, max_len = _format(cfg), int(_get(cfg, "image_size")), int(_get(cfg, "max_len"))
   if _get(cfg, "source") == "demo":
@@ -474,30 +519,38 @@ def train_pp_spec(cfg) -> str:
     flip = "|flip" if fmt in ("vqa", "snli_ve") else ""
     image = f"{crop}{flip}|randaug(2, 7)|normalize('clip')"
   if fmt == "vqa":
-    return (f"{image}|{_text_ops('question', QUESTION_WORDS_TRAIN, max_len)}"
+    spec = (f"{image}|{_text_ops('question', QUESTION_WORDS_TRAIN, max_len)}"
             f"|tokenize_answers({int(_get(cfg, 'max_answers'))}, "
             f"{int(_get(cfg, 'answer_max_len'))})")
-  if fmt in ("nlvr2", "snli_ve"):
-    return _classification_ops(fmt, image, max_len)
-  return f"{image}|choose_caption|clean_caption({TEXT_WORDS})|tokenize({max_len})"
+  elif fmt in ("nlvr2", "snli_ve"):
+    spec = _classification_ops(fmt, image, max_len)
+  else:
+    spec = f"{image}|choose_caption|clean_caption({TEXT_WORDS})|tokenize({max_len})"
+  return _with_extra(spec, _get(cfg, "extra_pp"))
+
+
+def _with_extra(spec: str, extra: str) -> str:
+  return f"{spec}|{extra}" if extra else spec
 
 
 def eval_pp_spec(cfg) -> str:
   """The task's default eval ops: resize to `image_size` (aspect ignored, as ALBEF), CLIP
   normalisation, cleaned and tokenized text (`eval_max_len` or `max_len` tokens); RefCOCO+
-  boxes are normalised on the decoded image and proposals padded to `max_proposals`.
-  `config.input.eval_pp` replaces this spec."""
+  boxes are normalised on the decoded image and proposals padded to `max_proposals`;
+  `config.input.eval_extra_pp` is appended. `config.input.eval_pp` replaces this spec."""
   fmt, size = _format(cfg), int(_get(cfg, "image_size"))
   max_len = int(_get(cfg, "eval_max_len")) or int(_get(cfg, "max_len"))
   image = f"decode|resize({size})|normalize('clip')"
   if fmt == "vqa":
-    return f"{image}|{_text_ops('question', QUESTION_WORDS_EVAL, max_len)}"
-  if fmt in ("nlvr2", "snli_ve"):
-    return _classification_ops(fmt, image, max_len)
-  return (f"decode|normalize_boxes(key='bbox', out='gt_box')"
-          f"|normalize_boxes(key='proposal_boxes', out='proposals')"
-          f"|pad_boxes({int(_get(cfg, 'max_proposals'))})|resize({size})|normalize('clip')"
-          f"|{_text_ops('text', TEXT_WORDS, max_len)}")
+    spec = f"{image}|{_text_ops('question', QUESTION_WORDS_EVAL, max_len)}"
+  elif fmt in ("nlvr2", "snli_ve"):
+    spec = _classification_ops(fmt, image, max_len)
+  else:
+    spec = (f"decode|normalize_boxes(key='bbox', out='gt_box')"
+            f"|normalize_boxes(key='proposal_boxes', out='proposals')"
+            f"|pad_boxes({int(_get(cfg, 'max_proposals'))})|resize({size})|normalize('clip')"
+            f"|{_text_ops('text', TEXT_WORDS, max_len)}")
+  return _with_extra(spec, _get(cfg, "eval_extra_pp"))
 
 
 # ----------------------------------------------------------------------------- eval data
@@ -533,7 +586,7 @@ class TaskEvalData:
     self._name = name
     spec = examples.element_spec
     self._fields = {key: (tuple(spec[key].shape), spec[key].dtype.as_numpy_dtype)
-                    for key in EVAL_FIELDS[fmt]}
+                    for key in EVAL_FIELDS[fmt] + IMAGE_SIDE_FIELDS if key in spec}
     self.num_invalid_examples = 0
     self.num_failed_examples = 0
     for key, value in attributes.items():
@@ -549,7 +602,8 @@ class TaskEvalData:
                                        self._process_count)
 
   def batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """This process's batches: the format's `EVAL_FIELDS`, `index` int32 [B], `valid` [B]."""
+    """This process's batches: the format's `EVAL_FIELDS` (and the `IMAGE_SIDE_FIELDS` the eval
+    ops add), `index` int32 [B], `valid` [B]."""
     invalid = failed = 0
     rows = self._padded_rows()
     matched = pipeline.match_decoded(self._examples.as_numpy_iterator(), rows, "index")
@@ -654,7 +708,7 @@ def make_eval_data(cfg: ml_collections.ConfigDict, *, split: str, batch_size: in
       raise ValueError(f"eval ops of format {fmt!r} give no field(s) {missing}; spec: "
                        f"{config_fields.fill(spec, cfg, 'eval_pp')}")
     out = {k: tf.cast(example[k], tf.int32) if example[k].dtype == tf.int64 else example[k]
-           for k in EVAL_FIELDS[fmt]}
+           for k in EVAL_FIELDS[fmt] + IMAGE_SIDE_FIELDS if k in example}
     out["index"] = index
     out["_valid"] = tf.cast(example.get("_valid", True), tf.bool)
     return out

@@ -553,26 +553,6 @@ def test_model_config_shape_mismatch_names_the_leaf():
     convert_state_dict("albef", albef_state_dict(d, momentum=None), wrong)
 
 
-def test_vicha_keys_all_convert():
-  d = Dims()
-  sd = albef_state_dict(d, vicha=True)
-  params, ema, report = convert_state_dict("vicha", sd, model_config(d))
-  assert not report.unmapped and not report.missing and not report.not_in_model, report.table()
-  assert set(report.converted) | set(report.tied) | set(report.ignored) == set(sd)
-  assert report.extra_subtrees == ["concept_encoder", "concept_proj", "mae_decoder", "text_proj_hidden_0",
-                                   "text_proj_hidden_1", "vision_proj_hidden_0", "vision_proj_hidden_1"]
-  np.testing.assert_array_equal(ema["concept_proj"]["dense"]["kernel"], sd["kw_proj_m.weight"].T)
-  np.testing.assert_array_equal(params["concept_encoder"]["layer_1"]["output"]["dense"]["kernel"],
-                                sd["kw_encoder.encoder.layer.1.output.dense.weight"].T)
-  np.testing.assert_array_equal(params["mae_decoder"]["block_1"]["attn"]["value"]["dense"]["bias"],
-                                sd["decoder_blocks.1.attn.qkv.bias"][2 * d.decoder_width:])
-  np.testing.assert_array_equal(ema["mae_decoder"]["mask_token"], sd["mask_token"])  # no mirror: online
-  # The same file read as plain ALBEF leaves ViCHA's modules unmapped.
-  _, _, as_albef = convert_state_dict("albef", sd, model_config(d))
-  assert "kw_encoder.encoder.layer.0.attention.self.query.weight" in as_albef.unmapped
-  assert "decoder_pos_embed" in as_albef.unmapped
-
-
 @pytest.mark.slow
 def test_full_size_albef_converts_end_to_end(tmp_path):
   """ViT-B/16 at 256 px + BERT-base 6 + 6, queues of 65536: convert, resample to 384, write, read."""

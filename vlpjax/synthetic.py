@@ -25,6 +25,14 @@ def batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict[s
       image_id=jax.ShapeDtypeStruct((global_batch,), jnp.int32))
   if float(config.input.get("patch_mask_ratio", 0.0)) > 0:
     shapes["patch_mask"] = jax.ShapeDtypeStruct((global_batch, grid * grid), jnp.bool_)
+  if (config.model.get("image_tokens") or {}).get("kind"):  # ViCHA's concept strings
+    concept_len = int(config.input.get("concept_max_len", 16))
+    shapes["concept_ids"] = jax.ShapeDtypeStruct((global_batch, concept_len), jnp.int32)
+    shapes["concept_mask"] = jax.ShapeDtypeStruct((global_batch, concept_len), jnp.int32)
+  if float((config.objectives.get("mae") or {}).get("weight", 0.0)):  # MAE's visible patches
+    keep = int(grid * grid * (1 - float(config.input.get("mae_mask_ratio", 0.75))))
+    shapes["mae_keep_idx"] = jax.ShapeDtypeStruct((global_batch, keep), jnp.int32)
+    shapes["mae_restore_idx"] = jax.ShapeDtypeStruct((global_batch, grid * grid), jnp.int32)
   return shapes
 
 
@@ -53,6 +61,16 @@ def make_batch_fn(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: i
       scores = jax.random.uniform(keys[4], (b, n))
       rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
       out["patch_mask"] = rank < int(round(ratio * n))
+    if "concept_ids" in shapes:
+      k = shapes["concept_ids"].shape[1]
+      lengths = jax.random.randint(jax.random.fold_in(keys[5], 0), (b, 1), 2, k + 1)
+      out["concept_mask"] = (jnp.arange(k)[None, :] < lengths).astype(jnp.int32)
+      ids = jax.random.randint(jax.random.fold_in(keys[5], 1), (b, k), 5, vocab)
+      out["concept_ids"] = jnp.where(out["concept_mask"] > 0, ids, 0).at[:, 0].set(2)
+    if "mae_keep_idx" in shapes:
+      shuffle = jnp.argsort(jax.random.uniform(jax.random.fold_in(keys[5], 2), shapes["mae_restore_idx"].shape), axis=1)
+      out["mae_keep_idx"] = shuffle[:, :shapes["mae_keep_idx"].shape[1]].astype(jnp.int32)
+      out["mae_restore_idx"] = jnp.argsort(shuffle, axis=1).astype(jnp.int32)
     return out
 
   out_shardings = {k: sharding_lib.batch_sharding(mesh, len(v.shape)) for k, v in shapes.items()}

@@ -27,14 +27,23 @@ fusion layer, 6 + 2j attending image 0 and 7 + 2j image 1, sharing cross-attenti
   queue_ptr [1], idx_queue [1, Q]               -> queues ptr (int32 scalar), idx [Q] (int32, empty = -1)
 Downstream files name the text encoder `text_encoder.` (a BertModel); it is read as `text_encoder.bert.`.
 
-ViCHA adds (leaves outside today's VLPModel are kept under these names for the ViCHA model):
-  kw_encoder.* (2-layer BertModel)              -> concept_encoder/{embeddings, layer_N}
-  kw_proj                                       -> concept_proj/dense
+ViCHA adds (`--source=vicha`; configs/vicha.py's model: image_tokens of kind 'concepts', heads
+hitc and mae, vlpjax/models/{concepts,hitc,mae}.py):
+  kw_encoder.* (n-layer BertModel, + `_m`)      -> image_tokens/{embeddings, layer_N}
+  kw_proj (+ `_m`)                              -> image_tokens/proj/dense
   vision_proj_hidden.L                          -> vision_proj_hidden_L/proj/dense
   text_proj_hidden.L                            -> text_proj_hidden_L/proj/dense
-  decoder_embed, decoder_pos_embed              -> mae_decoder/embed/dense, mae_decoder/pos_embedding
+  decoder_embed                                 -> mae_decoder/embed/dense
+  decoder_pos_embed                             -> (none: MAE's fixed sin-cos table, a constant of the
+                                                   model computed from its grid; checked equal to
+                                                   `mae.sincos_table` at the checkpoint's grid)
   decoder_blocks.N (timm blocks), decoder_norm  -> mae_decoder/block_N/*, mae_decoder/norm/norm
   mask_token, mae_proj                          -> mae_decoder/mask_token, mae_decoder/pred/dense
+The model config read from a ViCHA file: image_tokens = {kind: concepts, layers: n (kw_encoder's),
+mask_padding: False}; with the hierarchical projections, head hitc with L levels at ViCHA's
+indices (ViT blocks depth-1-L .. depth-2 and text layers T-1-L .. T-2, 0-based: its hidden states
+[-(L+1):-1]); with the decoder, head mae (width, depth from the shapes; 16 heads, fixed in ViCHA's
+code; decoder_norm eps 1e-5; CLS without position).
 """
 import json
 import os
@@ -43,7 +52,7 @@ from typing import Mapping
 
 import numpy as np
 
-from vlpjax.convert import bert, mapping, vit
+from vlpjax.convert import bert, mapping, resample, vit
 
 ONLINE, MOMENTUM = ("", "params"), ("_m", "ema_params")
 # Modules ALBEF keeps a momentum copy of; ViCHA adds the concept encoder and its projection.
@@ -150,12 +159,12 @@ def _tower_layout(keys, suffix: str, root: str, *, depth: int, grid: int, bert_l
       layout.entries += mapping.linear(f"{proj}{suffix}", f"{root}/{proj}/proj/dense")
   if vicha and _has(keys, "kw_encoder."):
     concept = f"kw_encoder{suffix}."
-    layout.entries += bert.embeddings(f"{concept}embeddings", f"{root}/concept_encoder/embeddings")
+    layout.entries += bert.embeddings(f"{concept}embeddings", f"{root}/image_tokens/embeddings")
     for i in range(bert.num_layers(keys, "kw_encoder.")):
-      layout.entries += bert.layer(f"{concept}encoder.layer.{i}", f"{root}/concept_encoder/layer_{i}",
+      layout.entries += bert.layer(f"{concept}encoder.layer.{i}", f"{root}/image_tokens/layer_{i}",
                                    cross_attention=False)
   if vicha and _has(keys, "kw_proj."):
-    layout.entries += mapping.linear(f"kw_proj{suffix}", f"{root}/concept_proj/dense")
+    layout.entries += mapping.linear(f"kw_proj{suffix}", f"{root}/image_tokens/proj/dense")
   if _has(keys, "cls_head."):
     # ALBEF's VE head: Sequential(Linear(D, D), ReLU, Linear(D, 3)).
     layout.entries += mapping.linear(f"cls_head{suffix}.0", f"{root}/cls_head/hidden/dense")
@@ -172,7 +181,26 @@ def _tower_layout(keys, suffix: str, root: str, *, depth: int, grid: int, bert_l
   return layout
 
 
-def _vicha_online_entries(keys, grid: int) -> list[mapping.Entry]:
+def _fixed_sincos_entry(key: str) -> mapping.Entry:
+  """ViCHA's `decoder_pos_embed` [1, 1 + g*g, D]: MAE's fixed sin-cos table, which vlpjax computes
+  from the model's grid (`models.mae.sincos_table`) instead of storing; converted to no leaf after
+  checking that it is that table (a trained or foreign table is refused, naming the key)."""
+
+  def check(x):
+    from vlpjax.models import mae  # the model's definition of the table
+    grid = resample.grid_size(x, key)
+    expected = mae.sincos_table(x.shape[-1], grid)
+    error = float(np.max(np.abs(x.astype(np.float64) - expected)))
+    if error > 1e-5:
+      raise ValueError(f"checkpoint key {key!r} is not MAE's fixed 2-D sin-cos table of a {grid}x{grid} grid "
+                       f"(max |difference| {error:.3g}); vlpjax recomputes that table, so this checkpoint's "
+                       "decoder cannot be represented")
+    return {}
+
+  return mapping.Entry(key, check)
+
+
+def _vicha_online_entries(keys) -> list[mapping.Entry]:
   """Hierarchical-alignment heads and the MAE branch (no momentum copies)."""
   entries = []
   for side in ("vision", "text"):
@@ -181,8 +209,7 @@ def _vicha_online_entries(keys, grid: int) -> list[mapping.Entry]:
                                 f"params/{side}_proj_hidden_{level}/proj/dense")
   if _has(keys, "decoder_"):
     entries += mapping.linear("decoder_embed", "params/mae_decoder/embed/dense")
-    # A fixed 2-D sin-cos table in ViCHA; resampled like the ViT's so it matches the new grid.
-    entries.append(vit.pos_embedding_entry("decoder_pos_embed", "params/mae_decoder/pos_embedding", grid))
+    entries.append(_fixed_sincos_entry("decoder_pos_embed"))
     for i in range(vit.timm_depth(keys, "decoder_")):
       entries += vit.timm_block(f"decoder_blocks.{i}", f"params/mae_decoder/block_{i}")
     entries += mapping.layer_norm("decoder_norm", "params/mae_decoder/norm/norm")
@@ -240,7 +267,7 @@ def plan_albef(state_dict: Mapping[str, np.ndarray], target=None, *, image_res: 
       "params/temp": np.asarray(x, np.float32).reshape(())}))
   layout.entries += _queue_entries(keys)
   if vicha:
-    layout.entries += _vicha_online_entries(keys, grid)
+    layout.entries += _vicha_online_entries(keys)
 
   heads = ["itc"] + (["itm"] if _has(keys, "itm_head.") else []) + (["mlm"] if has_mlm else [])
   embed_dim = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in keys else 256
@@ -256,6 +283,9 @@ def plan_albef(state_dict: Mapping[str, np.ndarray], target=None, *, image_res: 
   if _has(keys, "text_decoder."):
     model_config.update(kind="vqa", vqa_mode="generate",
                         answer_layers=bert.num_layers(keys, "text_decoder.bert."))
+  extra_scope = ()
+  if vicha:
+    extra_scope = _vicha_model_config(sd, model_config, depth=depth, text_layers=fusion_start)
   notes = vit.resample_note(sd, "visual_encoder.pos_embed", grid)
   if not has_momentum:
     notes.append("no momentum (_m) weights: EMA params synthesised as a copy of the online params")
@@ -264,8 +294,40 @@ def plan_albef(state_dict: Mapping[str, np.ndarray], target=None, *, image_res: 
   return mapping.Plan(layout=layout, state_dict=sd, origin=origin, model_config=model_config,
                       scope=("vision", "text", "fusion", "vision_proj", "text_proj", "itm_head",
                              "mlm_head", "temp", "cls_head", "answer_decoder", "nlvr_fusion",
-                             "ta_head"),
+                             "ta_head") + extra_scope,
                       momentum="checkpoint" if has_momentum else "synthesised", notes=notes)
+
+
+def _vicha_model_config(sd: Mapping[str, np.ndarray], model_config: dict, *, depth: int,
+                        text_layers: int) -> tuple[str, ...]:
+  """Adds ViCHA's parts present in `sd` to `model_config` (in place); returns their param subtrees."""
+  keys = set(sd)
+  scope = []
+  if _has(keys, "kw_encoder."):
+    model_config["image_tokens"] = dict(kind="concepts", layers=bert.num_layers(keys, "kw_encoder."),
+                                        mask_padding=False)
+    scope.append("image_tokens")
+  levels = len(mapping.layer_indices(keys, r"vision_proj_hidden\.(\d+)\."))
+  head_config = {}
+  if levels:
+    # ViCHA aligns hidden_states[-(L+1):-1] of both towers (the ViT's: one per block; BERT's: the
+    # embeddings, then one per layer).
+    head_config["hitc"] = dict(vision_layers=tuple(range(depth - 1 - levels, depth - 1)),
+                               text_layers=tuple(range(text_layers - 1 - levels, text_layers - 1)),
+                               embed_dim=0)  # 0 = the model's embed_dim
+    if sd["vision_proj_hidden.0.weight"].shape[0] != model_config["embed_dim"]:
+      head_config["hitc"]["embed_dim"] = int(sd["vision_proj_hidden.0.weight"].shape[0])
+    scope += [f"{side}_proj_hidden_{level}" for side in ("vision", "text") for level in range(levels)]
+  if "decoder_embed.weight" in keys:
+    head_config["mae"] = dict(width=int(sd["decoder_embed.weight"].shape[0]),
+                              depth=vit.timm_depth(keys, "decoder_"), num_heads=16, mlp_ratio=float(
+                                  sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] / sd["decoder_embed.weight"].shape[0]),
+                              norm_eps=1e-5, cls_position=False)
+    scope.append("mae_decoder")
+  model_config["heads"] = list(model_config["heads"]) + list(head_config)
+  if head_config:
+    model_config["head_config"] = head_config
+  return tuple(scope)
 
 
 def plan_vicha(state_dict, target=None, **options) -> mapping.Plan:

@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from vlpjax.evaluators import common
 from vlpjax.models import classify as classify_models
+from vlpjax.models import concepts
 
 EVAL_KEYS = ()
 
@@ -88,13 +89,13 @@ def make_predict_fn(model, mesh: Optional[Mesh] = None):
 
     def logits(params, batch):
       return model.apply({"params": params}, batch["image0"], batch["image1"], batch["text_ids"],
-                         batch["text_mask"], method=model.nlvr_logits)
+                         batch["text_mask"], **concepts.batch_concepts(batch, pair=True), method=model.nlvr_logits)
   else:
     keys = ("image", "text_ids", "text_mask")
 
     def logits(params, batch):
       return model.apply({"params": params}, batch["image"], batch["text_ids"], batch["text_mask"],
-                         method=model.cls_logits)
+                         **concepts.batch_concepts(batch), method=model.cls_logits)
 
   def predict(params, batch):
     return jnp.argmax(logits(params, batch), axis=-1).astype(jnp.int32)
@@ -106,8 +107,9 @@ def _predict_all(predict, keys: Sequence[str], params, batches: Iterable[dict], 
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`predict_all` with a given jitted `predict` (from `make_predict_fn`) and placed params."""
   predictions, labels, valid, indices = [], [], [], []
-  for inputs, batch in common.device_batches(batches, keys, mesh, "classification evaluation",
-                                             host_keys=("label",)):
+  # The concept strings (ViCHA) go in when the batches carry them.
+  for inputs, batch in common.device_batches(batches, keys, mesh, "classification evaluation", host_keys=("label",),
+                                             optional=concepts.CONCEPT_KEYS + concepts.PAIR_CONCEPT_KEYS):
     predictions.append(common.settle(predict(params, inputs)))
     labels.append(np.asarray(batch["label"]))
     valid.append(np.asarray(batch["valid"]).astype(bool))

@@ -116,7 +116,7 @@ def require_keys(batch: dict, keys: Sequence[str], what: str) -> None:
 
 
 def device_batches(batches: Iterable[dict], keys: Optional[Sequence[str]], mesh: Optional[Mesh], what: str, *,
-                   host_keys: Sequence[str] = (), exclude: Sequence[str] = (),
+                   host_keys: Sequence[str] = (), exclude: Sequence[str] = (), optional: Sequence[str] = (),
                    size_name: str = "eval batch size") -> Iterator[tuple[dict, dict]]:
   """(inputs, batch) for each fixed-size padded batch: the model inputs put with the batch sharding.
 
@@ -127,6 +127,7 @@ def device_batches(batches: Iterable[dict], keys: Optional[Sequence[str]], mesh:
     what: names the evaluation in errors.
     host_keys: keys every batch must have that stay on the host (labels, split ids).
     exclude: keys that are not model inputs (used with keys=None).
+    optional: model inputs put when the batch has them (e.g. ViCHA's concept ids).
     size_name: names the batch size in errors.
 
   Yields:
@@ -141,6 +142,7 @@ def device_batches(batches: Iterable[dict], keys: Optional[Sequence[str]], mesh:
     check_divisible(len(batch["valid"]), mesh, size_name)
     skip = {"valid", *host_keys, *exclude}
     names = keys if keys is not None else [k for k in batch if k not in skip]
+    names = [*names, *(k for k in optional if k in batch and k not in names)]
     yield {k: put_batch(batch[k], mesh) for k in names}, batch
 
 

@@ -48,6 +48,7 @@ from jax.sharding import Mesh
 
 from vlpjax.convert import resample
 from vlpjax.evaluators import common
+from vlpjax.models import concepts as concepts_lib
 from vlpjax.models import vit
 
 GRADCAM_MODES = ("itm", "itc")
@@ -123,7 +124,7 @@ def _pick(tree, path: Sequence[str]):
   return tree
 
 
-def itm_attention_and_gradients(model, params, images, text_ids, text_mask, *, layer: int
+def itm_attention_and_gradients(model, params, images, text_ids, text_mask, *, layer: int, concepts=None
                                 ) -> tuple[jax.Array, jax.Array]:
   """Cross-attention probabilities of fusion layer `layer` and the gradient of Σ_b match logit.
 
@@ -131,6 +132,8 @@ def itm_attention_and_gradients(model, params, images, text_ids, text_mask, *, l
     model: a `VLPModel` with `cross` fusion and the `itm` head; params: its params.
     images: [batch, H, W, 3]; text_ids, text_mask: [batch, text_len].
     layer: fusion-layer index (0-based within the fusion stack).
+    concepts: optional image-side inputs of `encode_image` (ViCHA's concept_ids, concept_mask);
+      their tokens follow the patches, so the patch columns stay 1..patches.
 
   Returns:
     (attention, gradients), both float32 [batch, heads, text_len, image_tokens]. Examples are
@@ -138,11 +141,12 @@ def itm_attention_and_gradients(model, params, images, text_ids, text_mask, *, l
   """
   model = _attention_model(model)
   variables = {"params": params}
-  image_states = model.apply(variables, images, method=model.encode_image)["states"]
+  image = model.apply(variables, images, **(concepts or {}), method=model.encode_image)
+  image_states = image["states"]
   text_states = model.apply(variables, text_ids, text_mask, method=model.encode_text)["states"]
 
   def fuse(fuse_variables, mutable):
-    return model.apply(fuse_variables, text_states, text_mask, image_states, method=model.fuse,
+    return model.apply(fuse_variables, text_states, text_mask, image_states, image["mask"], method=model.fuse,
                        mutable=mutable)
 
   def match_logit_sum(perturbations):
@@ -205,8 +209,8 @@ def check_gradcam_setting(model_config, mode: str, layer: int, where: str = "lay
     raise ValueError(f"{where}={layer} is out of range: the model has {count} {what}")
 
 
-def gradcam_heatmaps(model, params, images, text_ids, text_mask, *, layer: int, mode: str = "itm"
-                     ) -> jax.Array:
+def gradcam_heatmaps(model, params, images, text_ids, text_mask, *, layer: int, mode: str = "itm",
+                     concepts=None) -> jax.Array:
   """Grad-CAM heat maps of (image, expression) pairs on the patch grid.
 
   Pure and traceable (wrap it in `jax.jit`, or use `make_gradcam_fn`).
@@ -216,6 +220,8 @@ def gradcam_heatmaps(model, params, images, text_ids, text_mask, *, layer: int, 
     images: float32 [batch, H, W, 3]; text_ids, text_mask: int32 [batch, text_len].
     layer: fusion layer (mode "itm") or ViT block (mode "itc"), 0-based.
     mode: "itm" (cross-attention, match logit) or "itc" (ViT CLS attention, ITC similarity).
+    concepts: optional image-side inputs (ViCHA's concept_ids, concept_mask), used by mode "itm"
+      (mode "itc" runs the bare ViT).
 
   Returns:
     float32 [batch, grid, grid], grid = config.vision.grid; see `itm_gradcam` / `itc_gradcam`.
@@ -224,7 +230,7 @@ def gradcam_heatmaps(model, params, images, text_ids, text_mask, *, layer: int, 
   grid = model.config.vision.grid
   if mode == "itm":
     attention, gradients = itm_attention_and_gradients(model, params, images, text_ids, text_mask,
-                                                       layer=layer)
+                                                       layer=layer, concepts=concepts)
     return itm_gradcam(attention, gradients, text_mask, grid)
   attention, gradients = itc_attention_and_gradients(model, params, images, text_ids, text_mask,
                                                      layer=layer)
@@ -352,7 +358,7 @@ def make_grounding_fn(model, *, layer: int, mode: str = "itm", mesh: Optional[Me
 
   def ground(params, batch):
     heat = gradcam_heatmaps(model, params, batch["image"], batch["text_ids"], batch["text_mask"], layer=layer,
-                            mode=mode)
+                            mode=mode, concepts=concepts_lib.batch_concepts(batch))
     heat = upsample(heat, batch["image"].shape[1:3])
     return locate(heat, batch["proposals"], batch["proposal_mask"], batch["gt_box"])["hit"]
 
@@ -395,7 +401,8 @@ def _evaluate(ground, params, batches: Iterable[dict], split_names: Sequence[str
   """`evaluate` with a given jitted `ground` (from `make_grounding_fn`) and placed params."""
   hits, split_ids, valid = [], [], []
   for inputs, batch in common.device_batches(batches, MODEL_KEYS, mesh, "grounding evaluation",
-                                             host_keys=("split_id",), size_name="eval batch size (config.eval.batch_size)"):
+                                             host_keys=("split_id",), optional=concepts_lib.CONCEPT_KEYS,
+                                             size_name="eval batch size (config.eval.batch_size)"):
     hits.append(common.settle(ground(params, inputs)))   # read back once at the end
     split_ids.append(np.asarray(batch["split_id"]))
     valid.append(np.asarray(batch["valid"], bool))

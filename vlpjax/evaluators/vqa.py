@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vlpjax.evaluators import common
+from vlpjax.models import concepts as concepts_lib
 from vlpjax.objectives import vqa as vqa_objectives
 
 # ----------------------------------------------------------------------------- official normalisation
@@ -251,9 +252,9 @@ def make_predict_fn(model, *, k_test: int = 128, rank_fix: bool = False, mesh: O
   """
   mode = model.config.vqa_mode
 
-  def predict(params, image, text_ids, text_mask, candidate_ids, candidate_mask):
+  def predict(params, image, text_ids, text_mask, candidate_ids, candidate_mask, concepts=None):
     variables = {"params": params}
-    q_states = model.apply(variables, image, text_ids, text_mask, method=model.vqa_encode)
+    q_states = model.apply(variables, image, text_ids, text_mask, **(concepts or {}), method=model.vqa_encode)
     if mode == "classify":
       logits = model.apply(variables, q_states[:, 0], method=model.vqa_logits)
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -274,8 +275,10 @@ def _predict_answers(predict, params, batches, candidates, num_questions: int, m
                      ) -> np.ndarray:
   """`predict_answers` with a given jitted `predict`, placed params and placed candidates."""
   predicted, rows = [], []
-  for inputs, batch in common.device_batches(batches, BATCH_KEYS, mesh, "VQA evaluation", host_keys=("index",)):
-    predicted.append(common.settle(predict(params, *(inputs[k] for k in BATCH_KEYS), *candidates)))
+  for inputs, batch in common.device_batches(batches, BATCH_KEYS, mesh, "VQA evaluation", host_keys=("index",),
+                                             optional=concepts_lib.CONCEPT_KEYS):
+    concepts = {k: inputs[k] for k in concepts_lib.CONCEPT_KEYS if k in inputs}  # ViCHA's, if any
+    predicted.append(common.settle(predict(params, *(inputs[k] for k in BATCH_KEYS), *candidates, concepts)))
     rows.append(np.where(np.asarray(batch["valid"]).astype(bool), np.asarray(batch["index"]), -1))
   if not predicted:
     raise ValueError("VQA evaluation: no batches")

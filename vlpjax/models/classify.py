@@ -72,15 +72,16 @@ class VEModel(vlp.VLPModel):
   def classify(self, cls):
     return self.cls_head(cls)
 
-  def cls_logits(self, images, text_ids, text_mask, deterministic=True):
-    image = self.encode_image(images)
+  def cls_logits(self, images, text_ids, text_mask, deterministic=True, *, concept_ids=None, concept_mask=None):
+    image = self.encode_image(images, concept_ids=concept_ids, concept_mask=concept_mask, deterministic=deterministic)
     text = self.encode_text(text_ids, text_mask, deterministic)
-    fused = self.fuse(text["states"], text_mask, image["states"], deterministic=deterministic)
+    fused = self.fuse(text["states"], text_mask, image["states"], image["mask"], deterministic=deterministic)
     return self.classify(fused["text_states"][:, 0])
 
   def __call__(self, images, text_ids, text_mask, deterministic=True):
     out = super().__call__(images, text_ids, text_mask, deterministic)
-    out["cls_logits"] = self.cls_logits(images, text_ids, text_mask, deterministic)
+    out["cls_logits"] = self.cls_logits(images, text_ids, text_mask, deterministic,
+                                        **self.init_concepts(text_ids, text_mask))
     return out
 
 
@@ -255,15 +256,26 @@ class NLVRModel(vlp.VLPModel):
     self.cls_head = ClassifierHead(cfg.text.width, cfg.num_classes, dtype)
     self.ta_head = layers.Dense(cfg.ta_classes, ("embed", None), dtype=dtype)
 
-  def encode_image_pair(self, image0, image1):
-    states = self.encode_image(jnp.concatenate([image0, image1], axis=0))["states"]
+  def encode_image_pair(self, image0, image1, deterministic=True, *, concept0_ids=None, concept0_mask=None,
+                        concept1_ids=None, concept1_mask=None):
+    """Both images in one ViT call on [2B]; each with its own concepts (ViCHA's kwords1 / kwords2)
+    when given. The pair fusion attends to every image token (ViCHA's padding is not masked;
+    `image_tokens.mask_padding` is not honoured here)."""
+    concepts = {}
+    if concept0_ids is not None and concept1_ids is not None:
+      ones = lambda ids: jnp.ones(ids.shape, jnp.int32)
+      concepts = dict(concept_ids=jnp.concatenate([concept0_ids, concept1_ids], axis=0),
+                      concept_mask=jnp.concatenate([ones(concept0_ids) if concept0_mask is None else concept0_mask,
+                                                    ones(concept1_ids) if concept1_mask is None else concept1_mask]))
+    states = self.encode_image(jnp.concatenate([image0, image1], axis=0), deterministic=deterministic,
+                               **concepts)["states"]
     return states[:image0.shape[0]], states[image0.shape[0]:]
 
   def fuse_pair(self, text_states, text_mask, image0_states, image1_states, deterministic=True):
     return self.nlvr_fusion(text_states, text_mask, image0_states, image1_states, deterministic=deterministic)
 
-  def pair_cls(self, image0, image1, text_ids, text_mask, deterministic=True):
-    image0_states, image1_states = self.encode_image_pair(image0, image1)
+  def pair_cls(self, image0, image1, text_ids, text_mask, deterministic=True, **concepts):
+    image0_states, image1_states = self.encode_image_pair(image0, image1, deterministic, **concepts)
     text = self.encode_text(text_ids, text_mask, deterministic)
     return self.fuse_pair(text["states"], text_mask, image0_states, image1_states, deterministic)[:, 0]
 
@@ -273,16 +285,21 @@ class NLVRModel(vlp.VLPModel):
   def ta_classify(self, cls):
     return self.ta_head(cls).astype(jnp.float32)
 
-  def nlvr_logits(self, image0, image1, text_ids, text_mask, deterministic=True):
-    return self.classify(self.pair_cls(image0, image1, text_ids, text_mask, deterministic))
+  def nlvr_logits(self, image0, image1, text_ids, text_mask, deterministic=True, **concepts):
+    """`concepts`: concept0_ids, concept0_mask, concept1_ids, concept1_mask (optional)."""
+    return self.classify(self.pair_cls(image0, image1, text_ids, text_mask, deterministic, **concepts))
 
-  def ta_logits(self, image0, image1, text_ids, text_mask, deterministic=True):
-    return self.ta_classify(self.pair_cls(image0, image1, text_ids, text_mask, deterministic))
+  def ta_logits(self, image0, image1, text_ids, text_mask, deterministic=True, **concepts):
+    return self.ta_classify(self.pair_cls(image0, image1, text_ids, text_mask, deterministic, **concepts))
 
   def __call__(self, images, text_ids, text_mask, deterministic=True):
     """Creates every param: both slots see `images`; returns a dict of outputs."""
     cfg = self.config
-    image0_states, image1_states = self.encode_image_pair(images, images)
+    concepts = self.init_concepts(text_ids, text_mask)
+    if concepts:
+      concepts = dict(concept0_ids=text_ids, concept0_mask=text_mask, concept1_ids=text_ids,
+                      concept1_mask=text_mask)
+    image0_states, image1_states = self.encode_image_pair(images, images, deterministic, **concepts)
     text = self.encode_text(text_ids, text_mask, deterministic)
     states = self.fuse_pair(text["states"], text_mask, image0_states, image1_states, deterministic)
     cls = states[:, 0]

@@ -111,7 +111,7 @@ class ImageTokensSpec:
 
 _IMAGE_TOKENS: dict[str, ImageTokensSpec] = {}
 # Modules that register image-token kinds; imported on first use.
-IMAGE_TOKEN_MODULES: list[str] = []
+IMAGE_TOKEN_MODULES: list[str] = ["vlpjax.models.concepts"]
 
 
 def register_image_tokens(kind: str, *, config_class, build) -> ImageTokensSpec:
@@ -303,12 +303,15 @@ class VLPModel(nn.Module):
         params = constrain(self.config, params)
     return params
 
+  def init_concepts(self, text_ids, text_mask) -> dict:
+    """Stand-in concept inputs for `init` (the text), when the model has image-side tokens."""
+    if self.config.image_tokens is None:
+      return {}
+    return dict(concept_ids=text_ids, concept_mask=text_mask)
+
   def init_features(self, images, text_ids, text_mask, deterministic=True):
     """The clean encodings every head's `init` reads: dict(image, text, fused)."""
-    concepts = {}
-    if self.config.image_tokens is not None:
-      concepts = dict(concept_ids=text_ids, concept_mask=text_mask)
-    image = self.encode_image(images, deterministic=deterministic, **concepts)
+    image = self.encode_image(images, deterministic=deterministic, **self.init_concepts(text_ids, text_mask))
     text = self.encode_text(text_ids, text_mask, deterministic)
     fused = self.fuse(text["states"], text_mask, image["states"], image.get("mask"), deterministic=deterministic)
     return dict(image=image, text=text, fused=fused, images=images, text_ids=text_ids, text_mask=text_mask)

@@ -177,7 +177,8 @@ class VQAModel(vlp.VLPModel):
   """VLPModel + answer decoder (generate) or answer classifier (classify).
 
   Methods beyond VLPModel's:
-    vqa_encode(images [B,H,W,3], q_ids [B,Lq], q_mask [B,Lq]) -> fused question states [B,Lq,D]
+    vqa_encode(images [B,H,W,3], q_ids [B,Lq], q_mask [B,Lq], *, concept_ids, concept_mask)
+      -> fused question states [B,Lq,D] (concepts: ViCHA's image-side tokens, optional)
     answer_logits(answer_ids [N,La], answer_mask [N,La], q_states [N,Lq,D], q_mask [N,Lq])
       -> [N,La,V] float32 (generate mode); row n attends to question states q_states[n], so
       callers gather the question of every answer row first.
@@ -215,10 +216,10 @@ class VQAModel(vlp.VLPModel):
     else:
       self.vqa_head = AnswerClassifier(cfg.text.width, cfg.num_answers, cfg.text.layer_norm_eps, dtype)
 
-  def vqa_encode(self, images, q_ids, q_mask, deterministic=True):
-    image = self.encode_image(images)
+  def vqa_encode(self, images, q_ids, q_mask, deterministic=True, *, concept_ids=None, concept_mask=None):
+    image = self.encode_image(images, concept_ids=concept_ids, concept_mask=concept_mask, deterministic=deterministic)
     text = self.encode_text(q_ids, q_mask, deterministic)
-    return self.fuse(text["states"], q_mask, image["states"], deterministic=deterministic)["text_states"]
+    return self.fuse(text["states"], q_mask, image["states"], image["mask"], deterministic=deterministic)["text_states"]
 
   def answer_logits(self, answer_ids, answer_mask, q_states, q_mask, deterministic=True):
     return self.answer_decoder(answer_ids, answer_mask, q_states, q_mask, deterministic=deterministic)
@@ -229,7 +230,7 @@ class VQAModel(vlp.VLPModel):
   def __call__(self, images, text_ids, text_mask, deterministic=True):
     """VLPModel's outputs plus `answer_logits` (the question read as an answer) or `vqa_logits`."""
     out = super().__call__(images, text_ids, text_mask, deterministic)
-    q_states = self.vqa_encode(images, text_ids, text_mask, deterministic)
+    q_states = self.vqa_encode(images, text_ids, text_mask, deterministic, **self.init_concepts(text_ids, text_mask))
     if self.config.vqa_mode == "generate":
       out["answer_logits"] = self.answer_logits(text_ids, text_mask, q_states, text_mask, deterministic)
     else:

@@ -8,6 +8,7 @@ The models are `vlpjax/models/classify.py`'s `VEModel` (method `cls_logits`) and
 import jax
 import jax.numpy as jnp
 
+from vlpjax.models import concepts
 from vlpjax.objectives import registry
 
 HEADS = ("auto", "ve", "nlvr")
@@ -66,7 +67,8 @@ def _head(ctx, batch) -> str:
 
 
 def _logits(model_fns, head: str, batch) -> jax.Array:
-  kwargs = dict(deterministic=model_fns.deterministic)
+  # With the batch's concept strings (ViCHA's image-side tokens), when it has them.
+  kwargs = dict(deterministic=model_fns.deterministic, **concepts.batch_concepts(batch, pair=head == "nlvr"))
   if head == "nlvr":
     return model_fns.apply("nlvr_logits", batch["image0"], batch["image1"], batch["text_ids"],
                            batch["text_mask"], **kwargs)

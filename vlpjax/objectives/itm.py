@@ -89,8 +89,8 @@ def itm_logits_and_labels(ctx, batch, negative_image_idx: jax.Array,
   Pairs, in order: (text_b, image_b), (text_b, image_{negative_image_idx[b]}),
   (text_{negative_text_idx[b]}, image_b), for b = 0..B-1, fused in one call of
   ctx.student.fuse on ctx.text['states'] [B, L, D] (with batch['text_mask']) and
-  ctx.image['states'] [B, N, Dv]. Gradients flow into the gathered states; only the choice of
-  indices is fixed.
+  ctx.image['states'] [B, N, Dv] (with ctx.image['mask'] [B, N] when the image has a padding mask).
+  Gradients flow into the gathered states; only the choice of indices is fixed.
 
   Returns:
     logits f32 [3B, 2] = ctx.student.itm_logits(fused text_states[:, 0]);
@@ -104,7 +104,10 @@ def itm_logits_and_labels(ctx, batch, negative_image_idx: jax.Array,
   all_text = jnp.concatenate([text_states, text_states, text_states[negative_text_idx]])
   all_mask = jnp.concatenate([text_mask, text_mask, text_mask[negative_text_idx]])
   all_image = jnp.concatenate([image_states, image_states[negative_image_idx], image_states])
-  fused = ctx.student.fuse(all_text, all_mask, all_image)
+  image_mask = ctx.image.get("mask")  # extra image-side tokens' padding (ViCHA's mask_padding)
+  if image_mask is not None:
+    image_mask = jnp.concatenate([image_mask, image_mask[negative_image_idx], image_mask])
+  fused = ctx.student.fuse(all_text, all_mask, all_image, image_mask)
   logits = ctx.student.itm_logits(fused["text_states"][:, 0]).astype(jnp.float32)
   labels = jnp.concatenate([jnp.ones([batch_size], jnp.int32),
                             jnp.zeros([2 * batch_size], jnp.int32)])

@@ -90,14 +90,14 @@ def vqa_loss(ctx, batch):
   row_question = jnp.repeat(jnp.arange(batch_size), num_slots)  # [B*A]
   row_q_mask = text_mask[row_question]
 
-  q_states = ctx.student.fuse(ctx.text["states"], text_mask, ctx.image["states"])["text_states"]
+  q_states = ctx.student.fuse(ctx.text["states"], text_mask, ctx.image["states"], ctx.image.get("mask"))["text_states"]
   logits = ctx.student.apply("answer_logits", row_ids, row_mask, q_states[row_question], row_q_mask,
                              deterministic=ctx.student.deterministic)
   teacher_logits = None
   distill = bool(ctx.cfg.get("distill", True))
   if distill:
-    teacher_states = ctx.teacher.fuse(ctx.ema_text["states"], text_mask,
-                                      ctx.ema_image["states"])["text_states"]
+    teacher_states = ctx.teacher.fuse(ctx.ema_text["states"], text_mask, ctx.ema_image["states"],
+                                      ctx.ema_image.get("mask"))["text_states"]
     teacher_logits = ctx.teacher.apply("answer_logits", row_ids, row_mask, teacher_states[row_question],
                                        row_q_mask, deterministic=True)
   weight = batch["answer_weight"].astype(jnp.float32).reshape(-1)
@@ -143,7 +143,8 @@ def vqa_cls_loss(ctx, batch):
   """
   registry.require_batch_keys(batch, ["text_mask", "answer_scores"], "vqa_cls")
   scores = batch["answer_scores"]
-  fused = ctx.student.fuse(ctx.text["states"], batch["text_mask"], ctx.image["states"])["text_states"]
+  fused = ctx.student.fuse(ctx.text["states"], batch["text_mask"], ctx.image["states"],
+                           ctx.image.get("mask"))["text_states"]
   logits = ctx.student.apply("vqa_logits", fused[:, 0])
   if scores.shape != logits.shape:
     raise ValueError(f"objective 'vqa_cls': batch['answer_scores'] has shape {scores.shape} but the "
