@@ -67,9 +67,13 @@ def vlmixer_objectives(concept_weight: float = 0.0, queue_size: int = 0, with_ga
   return objectives
 
 
-def streams(text_batch: int, image_batch: int, *, p_cmc: float, max_spans: int, entry_tokens: int,
+def streams(text_batch: int = 0, image_batch: int = 0, *, p_cmc: float, max_spans: int, entry_tokens: int,
             max_objects: int, max_tags: int, text_split: str = "train", image_split: str = "train") -> dict:
-  """The two input streams ('' op strings: the formats' VLMixer ops, `input_pipeline.unpaired`)."""
+  """The two input streams ('' op strings: the formats' VLMixer ops, `input_pipeline.unpaired`).
+
+  A batch size 0 is `config.batch_size`: each step reads `text_batch` sentences and `image_batch`
+  images, so their ratio is the streams' mixing ratio (1:1 by default).
+  """
   return dict(
       text=dict(format="text_only", split=text_split, pp="", batch_pp="", batch_size=text_batch, p_cmc=p_cmc,
                 max_spans=max_spans, entry_tokens=entry_tokens),
@@ -96,7 +100,7 @@ def get_config(arg: str = ""):
     # Full recipe: the eval block reads config.input (a paired caption set, e.g. COCO test);
     # training reads only the two streams.
     config.input.eval_annotations = ""
-    config.input.streams = streams(config.batch_size, config.batch_size, p_cmc=args.p_cmc, max_spans=8,
+    config.input.streams = streams(p_cmc=args.p_cmc, max_spans=8,
                                    entry_tokens=p, max_objects=16, max_tags=25)
     config.input.streams.text.update(source="json", annotations="", grounding="")
     config.input.streams.image.update(source="json", annotations="", image_root="", concept_vocab="",
@@ -105,7 +109,7 @@ def get_config(arg: str = ""):
   config.model.num_concepts = DEMO_NUM_CONCEPTS
   config.model.cls_id, config.model.sep_id = DEMO_CLS_ID, DEMO_SEP_ID
   # Captions of the first half of the demo's training scenes, images of the other half.
-  config.input.streams = streams(config.batch_size, config.batch_size, p_cmc=args.p_cmc, max_spans=4,
+  config.input.streams = streams(p_cmc=args.p_cmc, max_spans=4,
                                  entry_tokens=p, max_objects=4, max_tags=16,
                                  text_split="train[:50%]", image_split="train[50%:]")
   # The demo's colour words matter for retrieval: objects are named by colour + shape ("red circle").
