@@ -355,8 +355,9 @@ def test_retrieval_methods_score_image_sentences():
     model.apply({"params": params}, images[0]["image"], patch_mask=jnp.zeros((4, 16), bool), method=model.encode_image)
 
 
-def test_tiny_config_trains_on_8_devices_and_logs_each_term(tmp_path, monkeypatch):
-  monkeypatch.setenv("VLPJAX_DATA_DIR", str(tmp_path.parent.parent / "vlmixer_demo_data"))
+def test_tiny_config_trains_on_8_devices_and_logs_each_term(tmp_path, tmp_path_factory, monkeypatch):
+  # The tiny demo data of tests/test_vlmixer_data.py when it ran first in this session.
+  monkeypatch.setenv("VLPJAX_DATA_DIR", str(tmp_path_factory.getbasetemp() / "demo_data"))
   config = config_lib.load_config("configs/vlmixer.py:tiny")
   config.sharding.mesh = dict(data=8)
   config.total_steps = 2

@@ -6,8 +6,10 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from PIL import Image
 import pytest
 import tensorflow as tf
@@ -21,6 +23,9 @@ from input_pipeline import unpaired
 from vlpjax import config_lib
 from vlpjax import data as data_lib
 from vlpjax import sharding
+from vlpjax import state as state_lib
+from vlpjax.models import vlp
+from vlpjax.objectives import context, gallery, registry
 
 CAPTIONS = [
     "Two dogs next to a red fire hydrant.",   # plural, multi-word (longest match), sub-words
@@ -331,10 +336,34 @@ def test_demo_streams_never_pair_an_image_with_its_caption(demo_dir):
   mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
   it = data_lib.make_train_stream(config, mesh, config.batch_size, start_step=0, start_position=None,
                                   process_index=0, process_count=1)
-  for _ in range(3):
+  # On the device: every visual token of a mixed sentence comes from an image-stream image (of the
+  # step's batch, or of the bank, written from earlier image batches), never from its own image.
+  model = vlp.build_model(config.model)
+  specs = registry.objective_specs(config.objectives)
+  state = jax.jit(state_lib.make_init_fn(model, optax.identity(), specs, False))(jax.random.PRNGKey(0))
+
+  @jax.jit
+  def mix(objective_state, batch):
+    ctx = context.Context(model=model, params=state.params, ema_params=None, objective_state=objective_state,
+                          batch=batch, rng=jax.random.PRNGKey(1), step=jnp.int32(0), alpha=0.0, num_groups=1)
+    view = ctx.with_cfg(next(s for s in specs if s.name == "gallery").cfg, "gallery")
+    return ctx.mixed_inputs["entry_image_id"], ctx.cmc_draws, gallery.update_bank(view, batch, objective_state["gallery"])
+
+  objective_state = dict(state.objective_state)
+  from_bank = 0
+  for _ in range(4):
     batch = next(it)
-    assert not set(np.asarray(batch["text"]["image_id"]).tolist()) & set(ids["image"])
+    text_ids = np.asarray(batch["text"]["image_id"])
+    assert not set(text_ids.tolist()) & set(ids["image"])
     assert set(np.asarray(batch["image"]["image_id"]).tolist()) <= set(ids["image"])
+    entry_ids, draws, objective_state["gallery"] = mix(objective_state, batch)
+    entry_ids = np.asarray(entry_ids)
+    used = np.asarray(draws["use_batch"] | draws["use_bank"])
+    assert used.any() and (entry_ids[used] >= 0).all() and (entry_ids[~used] == -1).all()
+    assert set(entry_ids[used].tolist()) <= set(ids["image"])
+    assert not (entry_ids == text_ids[:, None]).any()
+    from_bank += int(np.asarray(draws["use_bank"]).sum())
+  assert from_bank > 0
   it.close()
 
 
