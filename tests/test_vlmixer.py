@@ -302,6 +302,30 @@ def test_tag_mlm_and_tag_match_match_numpy():
   np.testing.assert_allclose(float(metrics["negatives"]), (n - 1) / n)
 
 
+def test_tag_contrast_matches_numpy():
+  model, params, ema, state, batch, specs = _setup(_config())
+  image = dict(batch["image"])
+  image["tag_ids"] = image["tag_ids"].at[3].set(image["tag_ids"][4])  # 3 and 4: no negatives of each other
+  image["tag_mask"] = image["tag_mask"].at[3].set(image["tag_mask"][4])
+  batch = dict(batch, image=image)
+
+  def features(ctx):
+    return dict(z_i=ctx.student.project_image(ctx.image_sentence["states"][:, 0]),
+                z_t=ctx.student.project_text(ctx.tag_text["states"][:, 0]), temp=ctx.student.temperature())
+
+  loss, metrics, f = _run(model, specs, "tag_contrast", features, params, ema, state, batch)
+  n = f["z_i"].shape[0]
+  ids = np.where(np.asarray(image["tag_mask"]) > 0, np.asarray(image["tag_ids"]), -1)
+  total = 0.0
+  for queries, keys in ((_np(f["z_i"]), _np(f["z_t"])), (_np(f["z_t"]), _np(f["z_i"]))):
+    for b in range(n):
+      allowed = [c for c in range(n) if c == b or not np.array_equal(ids[c], ids[b])]
+      logits = np.array([queries[b] @ keys[c] / float(f["temp"]) for c in allowed])
+      total -= _log_softmax(logits)[allowed.index(b)] / n
+  np.testing.assert_allclose(float(loss), total / 2, rtol=RTOL)
+  assert float(f["temp"]) >= 0.05  # the config's floor
+
+
 def test_gallery_bank_draws_carry_no_gradient_into_the_vit():
   config = _config()
   model, params, ema, state, batch, specs = _setup(config)
@@ -367,7 +391,7 @@ def test_tiny_config_trains_on_8_devices_and_logs_each_term(tmp_path, tmp_path_f
   for path in glob.glob(os.path.join(str(tmp_path), "**", "events.out.tfevents.*"), recursive=True):
     for event in tf.compat.v1.train.summary_iterator(path):
       tags.update(v.tag for v in event.summary.value)
-  for term in ("cmcl", "mixed_mlm", "tag_mlm", "tag_match", "gallery"):
+  for term in ("cmcl", "mixed_mlm", "tag_mlm", "tag_match", "tag_contrast", "gallery"):
     assert f"train/{term}/loss" in tags, (term, sorted(tags))
   for stream in ("text", "image"):
     assert f"train/{stream}/data_skipped" in tags
