@@ -34,7 +34,7 @@ step), with a text corpus and an image corpus with boxes by path:
     --config.input.streams.image.annotations=/data/coco_objects.json \
     --config.input.streams.image.image_root=/data/images \
     --config.input.streams.image.concept_vocab=/data/concepts.json \
-    --config.init_from.path=/data/bert_base_vlmixer   # python -m vlpjax.convert --kind=hf_bert ...
+    --config.init_from.path=/data/bert_base_vlmixer   # python -m vlpjax.convert --source=hf_bert ...
 
 Demo on the embedded data (CPU; captions from one half of the training scenes, images from the
 other half: no image ever meets its own caption), then zero-shot retrieval on the held-out paired

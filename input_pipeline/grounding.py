@@ -41,7 +41,8 @@ def demo_annotations(data_dir: str | None = None, config: str = "default") -> di
   from input_pipeline import demo_data  # pylint: disable=import-outside-toplevel
   from input_pipeline import grounded_words  # pylint: disable=import-outside-toplevel
   from input_pipeline import object_labels  # pylint: disable=import-outside-toplevel
-  root = os.path.join(demo_data._resolve_data_dir(data_dir), f"vlmixer_demo_{config}")  # pylint: disable=protected-access
+  data_dir = demo_data._resolve_data_dir(data_dir)  # pylint: disable=protected-access
+  root = os.path.join(data_dir, f"vlmixer_demo_{config}")
   paths = {"concept_vocab": os.path.join(root, "concepts.json"),
            "train": os.path.join(root, "grounded_train.json"),
            "test": os.path.join(root, "grounded_test.json"),

@@ -54,14 +54,14 @@ _get = config_fields.get
 # Text ops: one cleaned caption, tokenized, its grounded spans as token spans; the batch op mixes.
 TEXT_OPS = formats.TrainOps(
     pp=("choose_caption|clean_caption({caption_max_words})|tokenize({max_len})"
-        "|ground_words({grounding!r}, demo_config={demo_config!r}, data_dir={data_dir!r}, max_words={caption_max_words}, "
-        "max_spans={max_spans}, max_len={max_len})"),
+        "|ground_words({grounding!r}, demo_config={demo_config!r}, data_dir={data_dir!r}, "
+        "max_words={caption_max_words}, max_spans={max_spans}, max_len={max_len})"),
     batch_pp="cmc({p_cmc}, entry_tokens={entry_tokens})|mask_tokens({mlm_prob}, key='mix')")
 # Image ops: no geometric augmentation, so the boxes stay true; objects -> tags, masked.
 IMAGE_OPS = formats.TrainOps(
     pp=("decode|resize({image_size})|normalize('clip')"
-        "|object_tags({concept_vocab!r}, demo_config={demo_config!r}, data_dir={data_dir!r}, max_objects={max_objects}, "
-        "label_field={object_label_field!r})"
+        "|object_tags({concept_vocab!r}, demo_config={demo_config!r}, data_dir={data_dir!r}, "
+        "max_objects={max_objects}, label_field={object_label_field!r})"
         "|tokenize({max_tags}, key='tags', out='tag', append_sep=True)"
         "|mask_tokens({mlm_prob}, key='tag')"))
 
@@ -69,7 +69,8 @@ IMAGE_OPS = formats.TrainOps(
 def resolve_paths(cfg) -> dict[str, str]:
   """`concept_vocab` and `grounding` of `cfg`; a json text source's grounding defaults to its own
   annotation files. '' elsewhere is left for the ops, where it names the demo's annotations
-  (built on first use by `demo_annotations`, not while a config is validated)."""
+  (built on first use by `grounding.demo_annotations`, not while a config is validated); the
+  sources of other kinds refuse '' when they are built."""
   kind = _get(cfg, "source")
   vocab, grounded = _get(cfg, "concept_vocab"), _get(cfg, "grounding")
   if kind == "json" and not grounded and _get(cfg, "format") == "text_only":
@@ -159,6 +160,9 @@ def make_text_source(cfg, *, split: str, process_index: int = 0, process_count: 
                      ) -> sources.Source:
   """The text-only source of `cfg` for `split` (this process's part); see the module docstring."""
   kind = _get(cfg, "source")
+  if kind not in ("demo", "json") and not _get(cfg, "grounding"):
+    raise ValueError(f"config.input.grounding: a text_only {kind!r} source needs the grounded words of its "
+                     "captions (`python -m input_pipeline.grounded_words annotate` output)")
   if kind == "demo":
     return _demo_text_source(cfg, split, process_index, process_count)
   if kind == "json":
@@ -245,6 +249,9 @@ def make_image_source(cfg, *, split: str, process_index: int = 0, process_count:
                       ) -> sources.Source:
   """The image-only source of `cfg` for `split` (this process's part)."""
   kind = _get(cfg, "source")
+  if kind != "demo" and not _get(cfg, "concept_vocab"):
+    raise ValueError(f"config.input.concept_vocab: an image_only {kind!r} source needs the concept vocabulary "
+                     "(`python -m input_pipeline.grounded_words vocab` output)")
   if kind == "json":
     files = config_fields.as_list(config_fields.for_split(cfg, "annotations", split))
     return _json_image_source(files, _get(cfg, "image_root"), process_index, process_count)

@@ -114,7 +114,8 @@ def test_draw_entries_matches_a_numpy_loop(source):
       c, u, on = concept[i, k], draw[i, k], replaced[i, k] and concept[i, k] >= 0
       candidates = [x for x in range(e) if entry_concepts[x] == c]
       batch_ok = on and source != "bank" and candidates
-      bank_ok = on and source != "batch" and bank_count[max(c, 0)] > 0 and not (source == "batch_then_bank" and candidates)
+      fallback = not (source == "batch_then_bank" and candidates)
+      bank_ok = on and source != "batch" and bank_count[max(c, 0)] > 0 and fallback
       assert got["use_batch"][i, k] == bool(batch_ok)
       assert got["use_bank"][i, k] == bool(bank_ok)
       assert got["empty"][i, k] == bool(on and not batch_ok and not bank_ok)
@@ -332,7 +333,8 @@ def test_gallery_bank_draws_carry_no_gradient_into_the_vit():
   loss, metrics, entries = _run(model, specs, "gallery", lambda ctx: ctx.mixer_image, params, ema, state, batch)
   assert float(loss) == 0.0 and float(metrics["filled"]) == 0.0  # the bank starts empty
   flat = lambda x: jnp.asarray(x).reshape((-1,) + x.shape[2:])
-  bank = gallery.write_bank(state["gallery"], *(flat(entries[k]) for k in ("features", "boxes", "concepts", "image_id")))
+  bank = gallery.write_bank(state["gallery"],
+                            *(flat(entries[k]) for k in ("features", "boxes", "concepts", "image_id")))
   assert bool(jnp.any(batch["text"]["cmc_replaced"]))
   cmcl = next(s for s in specs if s.name == "cmcl")
   for source, reaches_vit in (("batch", True), ("bank", False)):

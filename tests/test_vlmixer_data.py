@@ -87,7 +87,8 @@ def test_grounded_words_reach_the_batch_as_token_spans(tmp_path, grounding_file,
   ids = out[0]["text_ids"]
   if kind == "wordpiece":  # dogs = dog ##s, hydrant = hy ##dra ##nt: every piece is in the span
     assert list(ids[2:4]) == [6, 7] and (out[0]["span_start"][0], out[0]["span_end"][0]) == (2, 4)
-    assert (out[0]["span_start"][1], out[0]["span_end"][1]) == (8, 12)  # [CLS] two dog ##s next to a red (fire hy ##dra ##nt)
+    # [CLS] two dog ##s next to a red (fire hy ##dra ##nt)
+    assert (out[0]["span_start"][1], out[0]["span_end"][1]) == (8, 12)
   else:  # squares = ▁square s
     assert out[2]["span_end"][0] - out[2]["span_start"][0] == 2
   # The reference rule (grounded_words.word_spans_to_token_spans), spans cut off by max_len dropped.
@@ -276,7 +277,8 @@ def test_image_only_reads_tfrecords_without_captions(tmp_path, vocab):
   it = builder.make_train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
   batch = next(it)
   assert sorted(batch["image_id"]) == [0, 1, 2, 3] and it.stats()["data_skipped"] == 0
-  assert (np.sort(batch["object_concepts"], axis=1) == sorted([vocab.name_to_id["dog"], vocab.name_to_id["mouse"]])).all()
+  want = sorted([vocab.name_to_id["dog"], vocab.name_to_id["mouse"]])
+  assert (np.sort(batch["object_concepts"], axis=1) == want).all()
 
 
 # ----------------------------------------------------------------------------- several streams
@@ -347,7 +349,8 @@ def test_demo_streams_never_pair_an_image_with_its_caption(demo_dir):
     ctx = context.Context(model=model, params=state.params, ema_params=None, objective_state=objective_state,
                           batch=batch, rng=jax.random.PRNGKey(1), step=jnp.int32(0), alpha=0.0, num_groups=1)
     view = ctx.with_cfg(next(s for s in specs if s.name == "gallery").cfg, "gallery")
-    return ctx.mixed_inputs["entry_image_id"], ctx.cmc_draws, gallery.update_bank(view, batch, objective_state["gallery"])
+    new_bank = gallery.update_bank(view, batch, objective_state["gallery"])
+    return ctx.mixed_inputs["entry_image_id"], ctx.cmc_draws, new_bank
 
   objective_state = dict(state.objective_state)
   from_bank = 0
