@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every accelerator benchmark in one call (fits the 10-minute limit of a lent H100/H200):
 #   bash benchmarks/gpu_all.sh [OUT_DIR [NAME ...]]
-# Train steps of the pretraining configs (ALBEF, MAMO, ViCHA; ALBEF with full remat, MAMO with the remat
+# Train steps of the pretraining configs (ALBEF, MAMO, ViCHA, VLMixer; ALBEF with full remat, MAMO with the remat
 # policies 'full' and 'dots'), the attention kernels, the accelerator half of device_augment,
-# the Flickr-size retrieval eval with and without the rerank's image key/value cache, and the
+# the host cost of VLMixer's CMC batch op, the Flickr-size retrieval eval with and without the rerank's image key/value cache, and the
 # rerank's FLOPs before/after the cache. NAMEs pick runs (default: all), e.g.
 #   bash benchmarks/gpu_all.sh /tmp/b mamo mamo_full mamo_dots retrieval retrieval_nocache
 # Each log goes to OUT_DIR; the tables are printed last. Packages missing on the machine
@@ -28,6 +28,7 @@ run() {  # name, command...
 run albef python3 benchmarks/train_step.py --config=configs/albef.py $common
 run mamo python3 benchmarks/train_step.py --config=configs/mamo.py $common
 run vicha python3 benchmarks/train_step.py --config=configs/vicha.py $common
+run vlmixer python3 benchmarks/train_step.py --config=configs/vlmixer.py $common
 run albef_remat python3 benchmarks/train_step.py --config=configs/albef.py $common --remat=full
 run mamo_full python3 benchmarks/train_step.py --config=configs/mamo.py $common --remat=full
 run mamo_dots python3 benchmarks/train_step.py --config=configs/mamo.py $common --remat=dots
@@ -36,8 +37,9 @@ run device_augment python3 -m benchmarks.input_pipeline --device_only --device_b
 run retrieval python3 benchmarks/retrieval_eval.py
 run retrieval_nocache python3 benchmarks/retrieval_eval.py --image_cache=false
 run rerank_flops python3 benchmarks/rerank_cache.py
+run cmc_op python3 benchmarks/cmc_op.py
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
-for name in albef mamo vicha albef_remat mamo_full mamo_dots; do
+for name in albef mamo vicha vlmixer albef_remat mamo_full mamo_dots; do
   [ -f "$out/$name.log" ] && grep "^| configs/" "$out/$name.log"
 done
 [ -f "$out/attention.log" ] && grep -A20 "^| shape" "$out/attention.log"
@@ -46,4 +48,5 @@ for name in retrieval retrieval_nocache; do
   [ -f "$out/$name.log" ] && tail -12 "$out/$name.log"
 done
 [ -f "$out/rerank_flops.log" ] && tail -8 "$out/rerank_flops.log"
+[ -f "$out/cmc_op.log" ] && tail -4 "$out/cmc_op.log"
 exit 0

@@ -34,6 +34,7 @@ from input_pipeline import formats
 from input_pipeline import pipeline
 from input_pipeline import sources
 from input_pipeline import tasks  # noqa: F401  registers vqa, nlvr2, snli_ve, refcoco
+from input_pipeline import unpaired  # noqa: F401  registers text_only, image_only
 
 AUTOTUNE = tf.data.AUTOTUNE
 FIELDS = config_fields.FIELDS

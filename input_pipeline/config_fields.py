@@ -85,6 +85,23 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "answer_max_len": (10, "knob {answer_max_len}, vqa: answer tokens, [CLS] and [SEP] included"),
     "max_proposals": (100, "knob {max_proposals}, refcoco: box proposals per expression in an "
                       "eval batch (P)"),
+    # Several input streams per step (`vlpjax.data`), and the unpaired formats
+    # (`input_pipeline.unpaired`: text_only, image_only; VLMixer).
+    "streams": ({}, "{name: {config.input overrides, batch_size}}: one batch of each stream per "
+                "step (the step's batch is {name: batch}); {} = one stream, this config.input"),
+    "concept_vocab": ("", "text_only / image_only: concept vocabulary JSON "
+                      "(`python -m input_pipeline.grounded_words vocab`); '' with source demo = "
+                      "the demo's, built beside its data"),
+    "grounding": ("", "text_only: grounded words per caption (`grounded_words annotate` output); "
+                  "'' = the json source's own annotations, or the demo's"),
+    "p_cmc": (0.5, "knob {p_cmc}, text_only: probability that a grounded occurrence is replaced "
+              "by visual tokens (cross-modal CutMix)"),
+    "max_spans": (4, "knob {max_spans}, text_only: grounded occurrences kept per caption (K)"),
+    "entry_tokens": (4, "knob {entry_tokens}, text_only: visual tokens per gallery entry (P)"),
+    "max_objects": (8, "knob {max_objects}, image_only: objects kept per image (M)"),
+    "max_tags": (16, "knob {max_tags}, image_only: tag tokens, [CLS] and [SEP] included"),
+    "object_label_field": ("objects/label", "image_only: the source field naming each object "
+                           "(demo: 'concepts' = colour + shape, 'objects/label' = shape)"),
 }
 
 # The op-string fields; `fill` runs over each before it is parsed.

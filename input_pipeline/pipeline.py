@@ -14,12 +14,13 @@ from input_pipeline import config_fields
 from input_pipeline import ops_concepts  # noqa: F401  registers the visual-concept ops
 from input_pipeline import ops_image  # noqa: F401  registers the image ops
 from input_pipeline import ops_mask  # noqa: F401  registers the masking ops
+from input_pipeline import ops_mix  # noqa: F401  registers the unpaired (VLMixer) ops
 from input_pipeline import ops_task  # noqa: F401  registers the task ops
 from input_pipeline import ops_text  # noqa: F401  registers the text ops
 from input_pipeline import registry
 
 # Ops that take the configured tokenizer as kind= / model= when the spec leaves them out.
-TOKENIZER_OPS = ("tokenize", "mask_tokens", "joint_mask", "tokenize_answers")
+TOKENIZER_OPS = ("tokenize", "mask_tokens", "joint_mask", "tokenize_answers", "ground_words", "cmc")
 
 _EXAMPLE_SEED_STREAM = 0
 _BATCH_SEED_STREAM = 1

@@ -135,4 +135,4 @@ def test_each_module_imports_alone():
   lines = dict(line.split(" ", 1) for line in result.stdout.splitlines()
                if line.startswith(("FORMATS ", "FAILED ")))
   assert lines["FAILED"] == "[]", lines["FAILED"]
-  assert lines["FORMATS"] == str(["caption", "nlvr2", "refcoco", "snli_ve", "vqa"])
+  assert lines["FORMATS"] == str(["caption", "image_only", "nlvr2", "refcoco", "snli_ve", "text_only", "vqa"])

@@ -95,6 +95,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from input_pipeline import builder  # the builder owns the input schema
     if hasattr(builder, "validate_config"):
       builder.validate_config(config.input)
+    from vlpjax import data  # several input streams: each one's merged config.input
+    data.validate_streams(config)
 
 
 def teacher_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict | None:

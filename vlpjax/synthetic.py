@@ -11,8 +11,43 @@ from jax.sharding import Mesh
 from vlpjax import sharding as sharding_lib
 
 
+# Input formats other than captions give their synthetic batches through `register_format`
+# (shapes and maker); the modules that register them are imported on first use.
+FORMAT_MODULES: list[str] = ["vlpjax.synthetic_unpaired"]
+_FORMATS: dict[str, tuple] = {}
+
+
+def register_format(name: str, *, shapes, make) -> None:
+  """`shapes(config, input_cfg, B) -> {key: ShapeDtypeStruct}`, `make(rng, step, shapes, config,
+  input_cfg) -> batch` for `config.input.format = name` (or a stream of that format)."""
+  _FORMATS[name] = (shapes, make)
+
+
+def _format(name: str) -> tuple:
+  import importlib
+  for module in FORMAT_MODULES:
+    importlib.import_module(module)
+  if name not in _FORMATS:
+    raise ValueError(f"synthetic input has no batches of config.input.format {name!r}; known: "
+                     f"{['caption'] + sorted(_FORMATS)}")
+  return _FORMATS[name]
+
+
+def _streams(config, global_batch: int) -> dict:
+  """{name: (input cfg, batch)}: the config's streams, or its one input when it is not captions."""
+  from vlpjax import data  # data imports this module
+  streams = data.stream_configs(config)
+  if not streams and config.input.get("format", "caption") != "caption":
+    streams = {None: (config.input, global_batch)}
+  return streams
+
+
 def batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch layout implied by the config."""
+  """The global batch layout implied by the config ({stream: layout} with several streams)."""
+  streams = _streams(config, global_batch)
+  if streams:
+    out = {name: _format(cfg.get("format", "caption"))[0](config, cfg, b) for name, (cfg, b) in streams.items()}
+    return out[None] if None in out else out
   size = config.model.vision.image_size
   grid = size // config.model.vision.patch_size
   length = int(config.input.max_len)
@@ -39,6 +74,16 @@ def batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict[s
 def make_batch_fn(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int):
   """Returns a jitted `fn(rng, step) -> batch` whose outputs are sharded over the batch axes."""
   shapes = batch_shapes(config, global_batch)
+  streams = _streams(config, global_batch)
+  if streams:
+    def make_streams(rng, step):
+      out = {name: _format(cfg.get("format", "caption"))[1](jax.random.fold_in(rng, i), step,
+                                                             shapes if name is None else shapes[name], config, cfg)
+             for i, (name, (cfg, _)) in enumerate(streams.items())}
+      return out[None] if None in out else out
+
+    out_shardings = jax.tree.map(lambda v: sharding_lib.batch_sharding(mesh, len(v.shape)), shapes)
+    return jax.jit(make_streams, out_shardings=out_shardings)
   vocab = int(config.model.text.vocab_size)
   mlm_prob = float(config.input.get("mlm_prob", 0.15))
   ratio = float(config.input.get("patch_mask_ratio", 0.0))

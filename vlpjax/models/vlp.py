@@ -166,7 +166,7 @@ def register_model(kind: str):
 def _import_task_models():
   # Task models register themselves on import; a missing optional module is not an error.
   import importlib
-  for name in ("vqa", "classify"):
+  for name in ("vqa", "classify", "mixer"):
     try:
       importlib.import_module(f"vlpjax.models.{name}")
     except ModuleNotFoundError as e:
