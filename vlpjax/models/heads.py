@@ -91,7 +91,7 @@ def get_head(name: str) -> HeadSpec:
 
 
 # Modules that register heads of their own (method pieces); importing them registers them.
-HEAD_MODULES: list[str] = []
+HEAD_MODULES: list[str] = ["vlpjax.models.mvp"]
 
 
 def _import_head_modules():
