@@ -6,6 +6,7 @@ with `registry.get(name)`.
 import importlib
 
 from vlpjax.objectives import itc, itm, mim, mlm, mrm  # noqa: F401  (registration)
+from vlpjax.objectives import mcr, vsc, wpg  # noqa: F401  (MVP)
 from vlpjax.objectives.registry import get, names, register
 
 # Task (finetuning) objectives; optional modules register themselves when present.
