@@ -1,6 +1,6 @@
 """Pieces every format's pipeline shares: op strings -> op functions, seeds, padded eval rows.
 
-Importing this module registers every tf.data op (`ops_image`, `ops_mask`, `ops_text`,
+Importing this module registers every tf.data op (`ops_image`, `ops_mask`, `ops_mvp`, `ops_text`,
 `ops_task`), so `build_ops` finds any op name an op string may use.
 """
 import ast
@@ -13,12 +13,13 @@ import tensorflow as tf
 from input_pipeline import config_fields
 from input_pipeline import ops_image  # noqa: F401  registers the image ops
 from input_pipeline import ops_mask  # noqa: F401  registers the masking ops
+from input_pipeline import ops_mvp  # noqa: F401  registers MVP's phrase and tag ops
 from input_pipeline import ops_task  # noqa: F401  registers the task ops
 from input_pipeline import ops_text  # noqa: F401  registers the text ops
 from input_pipeline import registry
 
 # Ops that take the configured tokenizer as kind= / model= when the spec leaves them out.
-TOKENIZER_OPS = ("tokenize", "mask_tokens", "joint_mask", "tokenize_answers")
+TOKENIZER_OPS = ("tokenize", "mask_tokens", "joint_mask", "tokenize_answers", "mvp_text")
 
 _EXAMPLE_SEED_STREAM = 0
 _BATCH_SEED_STREAM = 1
