@@ -10,6 +10,23 @@ from jax.sharding import Mesh
 
 from vlpjax import sharding as sharding_lib
 
+# Batch keys a model kind adds (MVP's phrases and tags): kind -> (shapes(config, global_batch) ->
+# {key: ShapeDtypeStruct}, make(config, rng, batch) -> {key: array}); the entries replace or add
+# to the base batch. Registered by the kind's model module (`register_extras`).
+_EXTRAS: dict[str, tuple] = {}
+
+
+def register_extras(kind: str, shapes, make) -> None:
+  _EXTRAS[kind] = (shapes, make)
+
+
+def _extras(config):
+  kind = config.model.get("kind") or "vlp"
+  if kind not in _EXTRAS:
+    from vlpjax.models import vlp  # the model modules register their extras on import
+    vlp.model_class(config.model)
+  return _EXTRAS.get(kind)
+
 
 def batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch layout implied by the config."""
@@ -25,12 +42,16 @@ def batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict[s
       image_id=jax.ShapeDtypeStruct((global_batch,), jnp.int32))
   if float(config.input.get("patch_mask_ratio", 0.0)) > 0:
     shapes["patch_mask"] = jax.ShapeDtypeStruct((global_batch, grid * grid), jnp.bool_)
+  extras = _extras(config)
+  if extras is not None:
+    shapes.update(extras[0](config, global_batch))
   return shapes
 
 
 def make_batch_fn(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int):
   """Returns a jitted `fn(rng, step) -> batch` whose outputs are sharded over the batch axes."""
   shapes = batch_shapes(config, global_batch)
+  extras = _extras(config)
   vocab = int(config.model.text.vocab_size)
   mlm_prob = float(config.input.get("mlm_prob", 0.15))
   ratio = float(config.input.get("patch_mask_ratio", 0.0))
@@ -53,6 +74,8 @@ def make_batch_fn(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: i
       scores = jax.random.uniform(keys[4], (b, n))
       rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
       out["patch_mask"] = rank < int(round(ratio * n))
+    if extras is not None:
+      out.update(extras[1](config, keys[5], out))
     return out
 
   out_shardings = {k: sharding_lib.batch_sharding(mesh, len(v.shape)) for k, v in shapes.items()}

@@ -35,8 +35,10 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from vlpjax import synthetic
 from vlpjax.models import bert, classify, heads, layers, vit, vlp, vqa
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -352,3 +354,45 @@ class MvpVEModel(classify.VEModel, MvpModel):
   config: MvpVEConfig
   config_class = MvpVEConfig
 
+
+
+# ----------------------------------------------------------------------------- synthetic batches
+
+# Benchmark batches (`vlpjax.synthetic`): MVPTR's 5 phrase slots and 20 tag tokens.
+SYNTHETIC_PHRASES = 5
+SYNTHETIC_TAGS = 20
+
+
+def _synthetic_shapes(config, global_batch: int) -> dict:
+  length = int(config.input.max_len) + SYNTHETIC_PHRASES + 1
+  text = jax.ShapeDtypeStruct((global_batch, length), jnp.int32)
+  tags = jax.ShapeDtypeStruct((global_batch, SYNTHETIC_TAGS), jnp.int32)
+  return dict(text_ids=text, text_mask=text, mlm_ids=text, mlm_labels=text, phrase_mask=text, phrase_labels=text,
+              concept_ids=tags, concept_mask=tags, concept_mlm_ids=tags, concept_mlm_labels=tags)
+
+
+def _synthetic_batch(config, rng, batch: dict) -> dict:
+  """The base batch's words followed by 5 random phrases and [SEP]; random tags, 15% masked."""
+  words = int(config.model.text.vocab_size)
+  phrases = int(config.model.get("phrase_vocab_size", 0) or 0)
+  b = batch["text_ids"].shape[0]
+  phrase_key, tag_key, mask_key = jax.random.split(rng, 3)
+  phrase_ids = (jax.random.randint(phrase_key, (b, SYNTHETIC_PHRASES), words, words + phrases) if phrases
+                else jnp.zeros((b, SYNTHETIC_PHRASES), jnp.int32))
+  tail = jnp.concatenate([phrase_ids, jnp.full((b, 1), 3, jnp.int32)], axis=1)
+  ones, minus = jnp.ones_like(tail), -jnp.ones_like(tail)
+  phrase_slots = jnp.concatenate([jnp.ones_like(phrase_ids), jnp.zeros((b, 1), jnp.int32)], axis=1)
+  tag_ids = jax.random.randint(tag_key, (b, SYNTHETIC_TAGS), 5, words)
+  masked = jax.random.uniform(mask_key, tag_ids.shape) < 0.15
+  return dict(
+      text_ids=jnp.concatenate([batch["text_ids"], tail], axis=1),
+      text_mask=jnp.concatenate([batch["text_mask"], ones], axis=1),
+      mlm_ids=jnp.concatenate([batch["mlm_ids"], tail], axis=1),
+      mlm_labels=jnp.concatenate([batch["mlm_labels"], minus], axis=1),
+      phrase_mask=jnp.concatenate([jnp.zeros_like(batch["text_ids"]), phrase_slots], axis=1),
+      phrase_labels=jnp.concatenate([-jnp.ones_like(batch["text_ids"]), minus], axis=1),
+      concept_ids=tag_ids, concept_mask=jnp.ones_like(tag_ids),
+      concept_mlm_ids=jnp.where(masked, 4, tag_ids), concept_mlm_labels=jnp.where(masked, tag_ids, -1))
+
+
+synthetic.register_extras("mvp", _synthetic_shapes, _synthetic_batch)
