@@ -46,6 +46,9 @@ MVPTR_PHRASES = 73_599  # datasets/mvp/id2phrase_new.json of the released code
 WORD_VOCAB = 30_522
 MAX_PHRASES = 5
 MAX_TAGS = 20  # tokens of `[CLS] tags [SEP]`
+# The demo phrase vocabulary keeps phrases seen in this many training captions (the tiny set has
+# 1,280 captions, the default 50,000).
+DEMO_MIN_SENTENCES = {"tiny": 5, "default": 50}
 
 
 def _mvp_ops(*, concepts: str, word_vocab: int, phrases: int, tag_len: int, masked: bool) -> str:
@@ -81,7 +84,8 @@ def mvp_objectives() -> dict:
 
 def demo_concepts(size: str) -> str:
   """The `mvp_concepts` source of the demo data: spaCy annotation of the demo set, cached."""
-  return f"demo='{'tiny' if size == 'tiny' else 'default'}', data_dir={{data_dir!r}}, min_sentences={5 if size == 'tiny' else 50}"
+  demo = "tiny" if size == "tiny" else "default"
+  return f"demo='{demo}', data_dir={{data_dir!r}}, min_sentences={DEMO_MIN_SENTENCES[demo]}"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
