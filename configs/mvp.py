@@ -51,7 +51,7 @@ MAX_TAGS = 20  # tokens of `[CLS] tags [SEP]`
 DEMO_MIN_SENTENCES = {"tiny": 5, "default": 50}
 
 
-def _mvp_ops(*, concepts: str, word_vocab: int, phrases: int, tag_len: int, masked: bool) -> str:
+def caption_ops(*, concepts: str, word_vocab: int, phrases: int, tag_len: int, masked: bool) -> str:
   """The caption and tag ops after `choose_caption`, for training (masked) or fine-tuning."""
   ops = [f"mvp_concepts({concepts}, word_vocab={word_vocab}, phrase_vocab={phrases}, max_phrases={MAX_PHRASES})",
          "clean_caption({caption_max_words})", "tokenize({max_len})"]
@@ -116,13 +116,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     concepts = "path={annotations!r}, eval_path={eval_annotations!r}"
     # ALBEF's pretraining image ops without the flip: phrases name left / right relations.
     image_ops = "decode_random_resized_crop({image_size}, scale=(0.2, 1.0))|randaug(2, 7)|normalize('clip')"
-    config.input.pp = image_ops + "|choose_caption|" + _mvp_ops(
+    config.input.pp = image_ops + "|choose_caption|" + caption_ops(
         concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True)
     config.input.batch_pp = ""
     config.input.eval_text_pp = eval_text_ops(concepts, word_vocab, phrases)
   else:
     concepts = demo_concepts(size)
-    config.input.pp = inputs.DEMO_IMAGE_PP + "|choose_caption|" + _mvp_ops(
+    config.input.pp = inputs.DEMO_IMAGE_PP + "|choose_caption|" + caption_ops(
         concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True)
     config.input.batch_pp = ""
     config.input.eval_text_pp = eval_text_ops(concepts, word_vocab, phrases)
