@@ -17,7 +17,7 @@ files exactly as the `json` source computes its ids (so `path` must be the sourc
 the real spaCy path (`phrases.demo_entries` -> `parse_annotations` -> `vocab_from_counts` ->
 `annotate_entries`, what `python -m input_pipeline.phrases demo --id_offset=<word_vocab>
 --min_sentences=<min_sentences>` writes) and cached beside the demo TFDS data
-(`<data_dir>/vlpjax_demo_mvp/<config>-w<word_vocab>-m<min_sentences>-p<max_phrases>/`), under
+(`<data_dir>/vlpjax_demo_mvp/<config>-w<word_vocab>-m<min_sentences>-p<max_phrases>-v1/`), under
 the same lock `demo_data.build_demo` uses. The tags of a demo image are `phrases.demo_tags` of
 its scene (colour and shape words).
 
@@ -54,6 +54,8 @@ from input_pipeline.ops_image import example_seed
 
 DEFAULT_MAX_PHRASE_WORDS = 8
 DEFAULT_MIN_SENTENCES = 50
+# Part of the demo cache's directory name: bump it when the extraction rules change.
+DEMO_CACHE_VERSION = "v1"
 _SALT_PHRASES = zlib.crc32(b"mvp_text:phrases") & 0x7FFFFFFF
 _FINGERPRINT_BUCKETS = 2**63 - 1
 
@@ -183,7 +185,7 @@ def demo_annotations(config: str = "default", data_dir: str | None = None, *, wo
   """
   from input_pipeline import demo_data  # pylint: disable=import-outside-toplevel
   root = os.path.expanduser(data_dir or os.environ.get("VLPJAX_DATA_DIR") or demo_data.DEFAULT_DATA_DIR)
-  name = f"{config}-w{word_vocab}-m{min_sentences}-p{max_phrases}"
+  name = f"{config}-w{word_vocab}-m{min_sentences}-p{max_phrases}-{DEMO_CACHE_VERSION}"
   directory = os.path.join(root, "vlpjax_demo_mvp", name)
   done = os.path.join(directory, "DONE")
   if os.path.exists(done):
