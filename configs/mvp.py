@@ -101,7 +101,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.embed_dim = int(config.model.text.width)  # MVPTR: txt_proj / vis_proj are D x D
   config.model.phrase_vocab_size = phrases
   config.model.fusion_tags = False
-  config.model.image_tokens = dict(kind="mvp_tags", token_type=1)
+  # The released recipe embeds the tags as MVPTR does (the shared text embeddings); the demo
+  # sizes, trained from scratch, use the shared word rows under the tags' own LayerNorm, without
+  # which VSC does not learn (vlpjax/models/mvp.py TagTokens).
+  config.model.image_tokens = dict(kind="mvp_tags", token_type=1, embed="words" if size else "shared")
   config.teacher = dict(momentum=0.0, alpha=0.0, alpha_ramp_steps=0)  # no EMA teacher: no ema_params
   config.objectives = mvp_objectives()
   config.input.mlm_prob = 0.15

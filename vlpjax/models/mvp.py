@@ -47,29 +47,55 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)
 # ----------------------------------------------------------------------------- object tags
 
 
+TAG_EMBEDS = ("shared", "words")
+
+
 @dataclasses.dataclass(frozen=True)
 class TagTokensConfig:
   """`config.model.image_tokens` for MVP's object tags (`[CLS] tags [SEP]` token ids)."""
   kind: str = "mvp_tags"
   token_type: int = 1
+  # 'shared': word + position + token type through the text embeddings (MVPTR; a converted
+  # checkpoint). 'words': the shared word rows only, under the tags' own LayerNorm `tag_norm`
+  # (configs/mvp.py's demo sizes, trained from scratch: see TagTokens).
+  embed: str = "shared"
+
+  def __post_init__(self):
+    if self.embed not in TAG_EMBEDS:
+      raise ValueError(f"config.model.image_tokens.embed must be one of {TAG_EMBEDS}, got {self.embed!r}")
 
 
 class TagTokens(nn.Module):
   """Object-tag ids -> extra ViT tokens, through the model's shared text embeddings.
 
-  (concept_ids [B,T], concept_mask [B,T]) -> (tokens [B,T,Dv], concept_mask): word + position +
-  token-type `token_type` embeddings and LayerNorm of `text` (the model's text tower), then a
-  Dense to the ViT width `vision_width` when the text width differs (`tag_in`).
+  (concept_ids [B,T], concept_mask [B,T]) -> (tokens [B,T,Dv], concept_mask), by `embed`:
+    'shared': LayerNorm(word + position + token type `token_type`) of `text` (the model's text
+      tower's embeddings module, as MVPTR embeds its tag sequence);
+    'words':  tag_norm(word), the rows of the shared word table under the tags' own LayerNorm:
+      no position or token-type rows and not the text's LayerNorm;
+  then a Dense to the ViT width `vision_width` when the text width differs (`tag_in`).
+
+  Why 'words' exists (measured on configs/mvp.py:demo, VSC alone, 150 steps, batch 64; the
+  i2t accuracy of the last batch): with 'shared' the ViT's gradient reaches the position rows,
+  the token-type rows and the LayerNorm that every text token goes through as well, and from a
+  random init (word, position and type rows of equal scale, so two thirds of an embedding is not
+  the word) VSC does not learn: 0.03 (patches alone: 0.42; 'shared' with the tags' gradient
+  stopped: 0.19; 'words': 0.28). MVPTR starts from BERT, whose word rows dominate.
   """
   text: Any
   vision_width: int
   token_type: int = 1
+  embed: str = "shared"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, concept_ids, concept_mask, deterministic=True):
-    types = jnp.full_like(concept_ids, self.token_type)
-    tokens = self.text.embeddings(concept_ids, types, deterministic=deterministic)
+    if self.embed == "words":
+      rows = self.text.embeddings.word(concept_ids)
+      tokens = layers.LayerNorm(self.text.embeddings.cfg.layer_norm_eps, self.dtype, name="tag_norm")(rows)
+    else:
+      types = jnp.full_like(concept_ids, self.token_type)
+      tokens = self.text.embeddings(concept_ids, types, deterministic=deterministic)
     if tokens.shape[-1] != self.vision_width:
       tokens = layers.Dense(self.vision_width, ("mlp", "embed"), dtype=self.dtype, name="tag_in")(tokens)
     return tokens, concept_mask
@@ -77,7 +103,8 @@ class TagTokens(nn.Module):
 
 def _build_tag_tokens(model):
   cfg = model.config
-  return TagTokens(model.text, cfg.vision.width, cfg.image_tokens.token_type, cfg.compute_dtype)
+  tags = cfg.image_tokens
+  return TagTokens(model.text, cfg.vision.width, tags.token_type, tags.embed, cfg.compute_dtype)
 
 
 vlp.register_image_tokens("mvp_tags", config_class=TagTokensConfig, build=_build_tag_tokens)
