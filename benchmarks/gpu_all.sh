@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every accelerator benchmark in one call (fits the 10-minute limit of a lent H100/H200):
 #   bash benchmarks/gpu_all.sh [OUT_DIR [NAME ...]]
-# Train steps of the pretraining configs (ALBEF, MAMO, ViCHA, VLMixer; ALBEF with full remat, MAMO with the remat
+# Train steps of the pretraining configs (ALBEF, MAMO, ViCHA, VLMixer, MVP; ALBEF with full remat, MAMO with the remat
 # policies 'full' and 'dots'), the attention kernels, the accelerator half of device_augment,
 # the host cost of VLMixer's CMC batch op, the Flickr-size retrieval eval with and without the rerank's image key/value cache, and the
 # rerank's FLOPs before/after the cache. NAMEs pick runs (default: all), e.g.
@@ -29,6 +29,7 @@ run albef python3 benchmarks/train_step.py --config=configs/albef.py $common
 run mamo python3 benchmarks/train_step.py --config=configs/mamo.py $common
 run vicha python3 benchmarks/train_step.py --config=configs/vicha.py $common
 run vlmixer python3 benchmarks/train_step.py --config=configs/vlmixer.py $common
+run mvp python3 benchmarks/train_step.py --config=configs/mvp.py $common
 run albef_remat python3 benchmarks/train_step.py --config=configs/albef.py $common --remat=full
 run mamo_full python3 benchmarks/train_step.py --config=configs/mamo.py $common --remat=full
 run mamo_dots python3 benchmarks/train_step.py --config=configs/mamo.py $common --remat=dots
@@ -39,7 +40,7 @@ run retrieval_nocache python3 benchmarks/retrieval_eval.py --image_cache=false
 run rerank_flops python3 benchmarks/rerank_cache.py
 run cmc_op python3 benchmarks/cmc_op.py
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
-for name in albef mamo vicha vlmixer albef_remat mamo_full mamo_dots; do
+for name in albef mamo vicha vlmixer mvp albef_remat mamo_full mamo_dots; do
   [ -f "$out/$name.log" ] && grep "^| configs/" "$out/$name.log"
 done
 [ -f "$out/attention.log" ] && grep -A20 "^| shape" "$out/attention.log"

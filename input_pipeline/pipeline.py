@@ -1,7 +1,7 @@
 """Pieces every format's pipeline shares: op strings -> op functions, seeds, padded eval rows.
 
 Importing this module registers every tf.data op (`ops_image`, `ops_mask`, `ops_text`,
-`ops_task`, `ops_concepts`), so `build_ops` finds any op name an op string may use.
+`ops_task`, `ops_concepts`, `ops_mix`, `ops_mvp`), so `build_ops` finds any op name an op string may use.
 """
 import ast
 import math
@@ -15,12 +15,13 @@ from input_pipeline import ops_concepts  # noqa: F401  registers the visual-conc
 from input_pipeline import ops_image  # noqa: F401  registers the image ops
 from input_pipeline import ops_mask  # noqa: F401  registers the masking ops
 from input_pipeline import ops_mix  # noqa: F401  registers the unpaired (VLMixer) ops
+from input_pipeline import ops_mvp  # noqa: F401  registers MVP's phrase and tag ops
 from input_pipeline import ops_task  # noqa: F401  registers the task ops
 from input_pipeline import ops_text  # noqa: F401  registers the text ops
 from input_pipeline import registry
 
 # Ops that take the configured tokenizer as kind= / model= when the spec leaves them out.
-TOKENIZER_OPS = ("tokenize", "mask_tokens", "joint_mask", "tokenize_answers", "ground_words", "cmc")
+TOKENIZER_OPS = ("tokenize", "mask_tokens", "joint_mask", "tokenize_answers", "ground_words", "cmc", "mvp_text")
 
 _EXAMPLE_SEED_STREAM = 0
 _BATCH_SEED_STREAM = 1

@@ -220,3 +220,97 @@ def test_itm_jit_and_gradient_through_student():
     assert float(jnp.abs(grads[name]).sum()) > 0, name
   # The sampled indices are fixed: no gradient reaches the ITC projections through sampling.
   assert float(jnp.abs(grads["image_itc_kernel"]).sum()) == 0
+
+
+# ----------------------------------------------------------------------------- MVP's hardest negatives
+
+
+def reference_hardest(sims, image_ids, num_groups):
+  """Per row: the argmax over allowed columns; without one, the first other in-group column."""
+  batch_size = sims.shape[0]
+  group_size = batch_size // num_groups
+  out = []
+  for b in range(batch_size):
+    group = range(b // group_size * group_size, (b // group_size + 1) * group_size)
+    allowed = [j for j in group if j != b and image_ids[j] != image_ids[b]]
+    out.append(max(allowed, key=lambda j: sims[b, j]) if allowed else [j for j in group if j != b][0])
+  return np.array(out)
+
+
+@pytest.mark.parametrize("num_groups", [1, 2])
+def test_hardest_negatives_are_the_argmax_of_allowed_columns(num_groups):
+  rng = np.random.default_rng(num_groups)
+  sims = rng.standard_normal((8, 8)).astype(np.float32)
+  sims[np.arange(8), np.arange(8)] = 10.0  # the diagonal (the positive) is never picked
+  image_ids = np.array([0, 0, 1, 2, 3, 3, 3, 4])
+  got = itm.hardest_negatives(jnp.asarray(sims), jnp.asarray(image_ids), num_groups)
+  np.testing.assert_array_equal(got, reference_hardest(sims, image_ids, num_groups))
+  # A row whose group holds only its own image falls back to another row of its group.
+  got = itm.hardest_negatives(jnp.asarray(sims), jnp.asarray([7, 7, 7, 7, 1, 2, 3, 4]), 2)
+  np.testing.assert_array_equal(got[:4], [1, 0, 0, 0])
+
+
+def test_hardest_pairs_split_the_batch_in_half():
+  negative_image = jnp.asarray([3, 2, 1, 0, 5, 4])
+  negative_text = jnp.asarray([1, 0, 3, 2, 5, 4])
+  seen = set()
+  for seed in range(20):
+    text_idx, image_idx = map(np.asarray, itm.hardest_pairs(jax.random.key(seed), negative_image, negative_text))
+    hard_image = text_idx == np.arange(6)
+    assert hard_image.sum() == 3
+    np.testing.assert_array_equal(image_idx[hard_image], np.asarray(negative_image)[hard_image])
+    np.testing.assert_array_equal(text_idx[~hard_image], np.asarray(negative_text)[~hard_image])
+    np.testing.assert_array_equal(image_idx[~hard_image], np.arange(6)[~hard_image])
+    seen.add(tuple(hard_image))
+  assert len(seen) > 5  # the half is drawn, not fixed
+
+
+def reference_hardest_itm(ctx, params, batch, text_idx, image_idx, positive_states=None):
+  """B positives then the B negative pairs, each fused alone (float64); the positives' CLS from
+  `positive_states` when given."""
+  params = fc.to_numpy(params)
+  text_states = fc.to_numpy(ctx.text["states"])
+  image_states = fc.to_numpy(ctx.image["states"])
+  text_mask = batch["text_mask"]
+  batch_size = text_states.shape[0]
+  total = 0.0
+  for k in range(2 * batch_size):
+    if k < batch_size and positive_states is not None:
+      cls = fc.to_numpy(positive_states)[k, 0]
+    else:
+      t, i = (k, k) if k < batch_size else (text_idx[k - batch_size], image_idx[k - batch_size])
+      cls = fc.fuse(np, params, text_states[t:t + 1], text_mask[t:t + 1], image_states[i:i + 1])["text_states"][0, 0]
+    logits = fc.itm_logits(np, params, cls)
+    label = 1 if k < batch_size else 0
+    total += -(logits[label] - (logits.max() + np.log(np.sum(np.exp(logits - logits.max())))))
+  return total / (2 * batch_size)
+
+
+@pytest.mark.parametrize("positives", ["", "masked_fusion"])
+def test_hardest_itm_loss_matches_reference(positives):
+  ctx, params, _, inputs = _context(12, num_groups=2,
+                                    cfg={"negatives": "hardest", "scope": "local", "positives": positives},
+                                    num_distinct_images=4)
+  batch = fc.jnp_batch(inputs["batch"])
+  loss, metrics = itm.itm_loss(ctx, batch)
+  batch_size = 6
+  t2i = np.asarray(ctx.itc_sims["t2i"])[:, :batch_size]
+  i2t = np.asarray(ctx.itc_sims["i2t"])[:, :batch_size]
+  image_ids = inputs["batch"]["image_id"]
+  negative_image = reference_hardest(t2i, image_ids, 2)
+  negative_text = reference_hardest(i2t, image_ids, 2)
+  text_idx, image_idx = map(np.asarray, itm.hardest_pairs(ctx.rng("itm"), jnp.asarray(negative_image),
+                                                          jnp.asarray(negative_text)))
+  expected = reference_hardest_itm(ctx, params, inputs["batch"], text_idx, image_idx,
+                                   ctx.masked_fusion["text_states"] if positives else None)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  logits, labels = itm.hardest_itm_logits_and_labels(ctx, batch, jnp.asarray(text_idx), jnp.asarray(image_idx))
+  assert logits.shape == (12, 2)
+  np.testing.assert_array_equal(labels, [1] * 6 + [0] * 6)
+  np.testing.assert_allclose(metrics["accuracy"], np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(labels)))
+
+
+def test_unknown_negatives_is_a_config_error():
+  ctx, _, _, inputs = _context(6, cfg={"negatives": "hard"})
+  with pytest.raises(ValueError, match="'negatives'.*hard"):
+    itm.itm_loss(ctx, fc.jnp_batch(inputs["batch"]))

@@ -10,6 +10,23 @@ from jax.sharding import Mesh
 
 from vlpjax import sharding as sharding_lib
 
+# Batch keys a model kind adds (MVP's phrases and tags): kind -> (shapes(config, global_batch) ->
+# {key: ShapeDtypeStruct}, make(config, rng, batch) -> {key: array}); the entries replace or add
+# to the base batch. Registered by the kind's model module (`register_extras`).
+_EXTRAS: dict[str, tuple] = {}
+
+
+def register_extras(kind: str, shapes, make) -> None:
+  _EXTRAS[kind] = (shapes, make)
+
+
+def _extras(config):
+  kind = config.model.get("kind") or "vlp"
+  if kind not in _EXTRAS:
+    from vlpjax.models import vlp  # the model modules register their extras on import
+    vlp.model_class(config.model)
+  return _EXTRAS.get(kind)
+
 
 # Input formats other than captions give their synthetic batches through `register_format`
 # (shapes and maker); the modules that register them are imported on first use.
@@ -60,7 +77,7 @@ def batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict[s
       image_id=jax.ShapeDtypeStruct((global_batch,), jnp.int32))
   if float(config.input.get("patch_mask_ratio", 0.0)) > 0:
     shapes["patch_mask"] = jax.ShapeDtypeStruct((global_batch, grid * grid), jnp.bool_)
-  if (config.model.get("image_tokens") or {}).get("kind"):  # ViCHA's concept strings
+  if (config.model.get("image_tokens") or {}).get("kind") == "concepts":  # ViCHA's concept strings
     concept_len = int(config.input.get("concept_max_len", 16))
     shapes["concept_ids"] = jax.ShapeDtypeStruct((global_batch, concept_len), jnp.int32)
     shapes["concept_mask"] = jax.ShapeDtypeStruct((global_batch, concept_len), jnp.int32)
@@ -68,6 +85,9 @@ def batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict[s
     keep = int(grid * grid * (1 - float(config.input.get("mae_mask_ratio", 0.75))))
     shapes["mae_keep_idx"] = jax.ShapeDtypeStruct((global_batch, keep), jnp.int32)
     shapes["mae_restore_idx"] = jax.ShapeDtypeStruct((global_batch, grid * grid), jnp.int32)
+  extras = _extras(config)
+  if extras is not None:
+    shapes.update(extras[0](config, global_batch))
   return shapes
 
 
@@ -84,6 +104,7 @@ def make_batch_fn(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: i
 
     out_shardings = jax.tree.map(lambda v: sharding_lib.batch_sharding(mesh, len(v.shape)), shapes)
     return jax.jit(make_streams, out_shardings=out_shardings)
+  extras = _extras(config)
   vocab = int(config.model.text.vocab_size)
   mlm_prob = float(config.input.get("mlm_prob", 0.15))
   ratio = float(config.input.get("patch_mask_ratio", 0.0))
@@ -116,6 +137,8 @@ def make_batch_fn(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: i
       shuffle = jnp.argsort(jax.random.uniform(jax.random.fold_in(keys[5], 2), shapes["mae_restore_idx"].shape), axis=1)
       out["mae_keep_idx"] = shuffle[:, :shapes["mae_keep_idx"].shape[1]].astype(jnp.int32)
       out["mae_restore_idx"] = jnp.argsort(shuffle, axis=1).astype(jnp.int32)
+    if extras is not None:
+      out.update(extras[1](config, keys[5], out))
     return out
 
   out_shardings = {k: sharding_lib.batch_sharding(mesh, len(v.shape)) for k, v in shapes.items()}

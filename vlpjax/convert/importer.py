@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from vlpjax import checkpoint
-from vlpjax.convert import albef, bert, mapping, torch_io, vit
+from vlpjax.convert import albef, bert, mapping, mvp, torch_io, vit
 from vlpjax.models import vlp
 
 PLANNERS = {
@@ -28,6 +28,7 @@ PLANNERS = {
     "timm_vit": vit.plan_timm_vit,
     "albef": albef.plan_albef,
     "vicha": albef.plan_vicha,
+    "mvp": mvp.plan_mvp,
 }
 SOURCES = tuple(PLANNERS)
 # Stand-ins for the tower a single-tower source does not describe; only its own subtrees are checked.
@@ -314,7 +315,7 @@ def convert_checkpoint(source: str, input_path: str, output_dir: str, *, model_c
   """
   state_dict, stored_config = torch_io.read_checkpoint(input_path, trust_pickle=trust_pickle)
   notes = []
-  if source in ("hf_bert", "hf_vit"):
+  if source in ("hf_bert", "hf_vit", "mvp"):
     hints = torch_io.read_json_beside(input_path)
   elif source in ("albef", "vicha"):
     hints, notes = albef.stored_config_hints(stored_config, input_path)

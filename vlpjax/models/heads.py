@@ -91,7 +91,7 @@ def get_head(name: str) -> HeadSpec:
 
 
 # Modules that register heads of their own (method pieces); importing them registers them.
-HEAD_MODULES: list[str] = ["vlpjax.models.hitc", "vlpjax.models.mae", "vlpjax.models.mixer"]
+HEAD_MODULES: list[str] = ["vlpjax.models.hitc", "vlpjax.models.mae", "vlpjax.models.mixer", "vlpjax.models.mvp"]
 
 
 def _import_head_modules():

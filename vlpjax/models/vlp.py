@@ -111,7 +111,7 @@ class ImageTokensSpec:
 
 _IMAGE_TOKENS: dict[str, ImageTokensSpec] = {}
 # Modules that register image-token kinds; imported on first use.
-IMAGE_TOKEN_MODULES: list[str] = ["vlpjax.models.concepts"]
+IMAGE_TOKEN_MODULES: list[str] = ["vlpjax.models.concepts", "vlpjax.models.mvp"]
 
 
 def register_image_tokens(kind: str, *, config_class, build) -> ImageTokensSpec:
@@ -166,7 +166,7 @@ def register_model(kind: str):
 def _import_task_models():
   # Task models register themselves on import; a missing optional module is not an error.
   import importlib
-  for name in ("vqa", "classify", "mixer"):
+  for name in ("vqa", "classify", "mixer", "mvp"):
     try:
       importlib.import_module(f"vlpjax.models.{name}")
     except ModuleNotFoundError as e:

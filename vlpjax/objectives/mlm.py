@@ -10,13 +10,15 @@ def mlm_loss(ctx, batch):
   """Cross-entropy on the masked text tokens, mixed with the teacher's soft predictions.
 
   Inputs (B batch, L text length, D width, V vocabulary):
-    ctx.masked_fusion['text_states']: [B, L, D] student fused states on the corrupted ids;
+    ctx.masked_fusion['text_states']: [B, L, D] student fused states on the corrupted ids (the
+      context feature `cfg.fusion` names; MVP reads `corrupted_fusion`, its one cross-modal pass);
     ctx.student.mlm_logits: [B, L, D] -> [B, L, V];
     ctx.ema_masked_fusion['text_states']: [B, L, D] teacher fused states on the same corrupted ids and
       ctx.teacher.mlm_logits (read only with distillation on);
     ctx.alpha: scalar; batch['mlm_labels']: int [B, L], the original id at masked positions and
       -1 elsewhere.
-  Config: `distill` (default True).
+  Config: `distill` (default True); `fusion` (default 'masked_fusion'), the context feature of
+  the fused states.
 
   Formula, with M = {(b, l): label[b, l] >= 0}, p = log_softmax(student logits) and
   q = softmax(teacher logits):
@@ -30,10 +32,10 @@ def mlm_loss(ctx, batch):
   """
   registry.require_batch_keys(batch, ["mlm_labels"], "mlm")
   labels = batch["mlm_labels"]
-  states = ctx.masked_fusion["text_states"]
+  states = getattr(ctx, ctx.cfg.get("fusion", "masked_fusion"))["text_states"]
   if states.shape[:2] != labels.shape:
     raise ValueError(f"objective 'mlm': batch['mlm_labels'] has shape {labels.shape} but "
-                     f"ctx.masked_fusion['text_states'] has [B, L] = {states.shape[:2]}")
+                     f"the fused text states have [B, L] = {states.shape[:2]}")
   log_probs = jax.nn.log_softmax(ctx.student.mlm_logits(states).astype(jnp.float32), axis=-1)
   masked = labels >= 0
   num_masked = jnp.maximum(jnp.sum(masked), 1).astype(jnp.float32)
