@@ -1,4 +1,4 @@
-"""Fine-tuning from an MVP checkpoint (METHODS.md §5.4): retrieval, VQA (classifier), SNLI-VE.
+"""Fine-tuning from an MVP checkpoint (docs/method_spec.md §5.4): retrieval, VQA (classifier), SNLI-VE.
 
 `arg` = `<task>[,benchmark][,size][,key=value...]`, task one of `retrieval` | `vqa` | `snli_ve`;
 the rest as the task's own config (`configs/finetune_retrieval.py`, `finetune_vqa.py`,

@@ -1,5 +1,5 @@
 """MVP / MVPTR (Li, Fan, Tou, Chen, Wei, Huang, ACM MM 2022): multi-level semantic alignment on
-ViT patches (METHODS.md §5; docs/methods/mvp.md).
+ViT patches (docs/method_spec.md §5; docs/methods/mvp.md).
 
 Two levels per modality: text = `[CLS] words phrases [SEP]` (up to 5 phrase concepts parsed
 offline with spaCy, ids after the word vocabulary), vision = ViT patches + object tags `[CLS] tags
@@ -140,3 +140,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
              objectives=dict(vsc=config.objectives.vsc.to_dict(), mcr=config.objectives.mcr.to_dict())),
         dict(name="joint", steps=total - args.curriculum)]
   return config
+
+
+def task_config(task: str, arg: str) -> str | None:
+  """`vlpjax.compare`: MVP's downstream cells run `configs/finetune_mvp.py` (retrieval with VSC and
+  hardest-negative ITM, VQA as a classifier, SNLI-VE); zero-shot is its retrieval config evaluated
+  without training. NLVR2 and grounding have no MVP config (`downstream` says why)."""
+  if task in ("nlvr2", "grounding"):
+    return None
+  name = "retrieval" if task in ("zeroshot", "retrieval") else task
+  return f"configs/finetune_mvp.py:{name}" + (f",{arg}" if arg else "")
+
+
+def downstream(task: str, config) -> str | None:
+  """`vlpjax.compare`: the tasks MVP has no configuration for, and why."""
+  if task == "nlvr2":
+    return "NLVR2's two-image model needs cross-attention fusion layers; MVP's cross-modal encoder is merged"
+  if task == "grounding":
+    return "no MVP grounding finetune (MVP's phrase grounding is python -m vlpjax.evaluators.phrase_grounding)"
+  return None

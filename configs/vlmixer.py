@@ -1,5 +1,5 @@
 """VLMixer (Wang et al., ICML 2022): vision-language pretraining from UNPAIRED data, by cross-modal
-CutMix (CMC). No reference code was ever released; this follows METHODS.md §4.2 and A.4, with
+CutMix (CMC). No reference code was ever released; this follows docs/method_spec.md §4.2 and A.4, with
 every open choice a field below (docs/methods/vlmixer.md lists them).
 
 Two input streams per step (`config.input.streams`; one batch of each, their ratio = the ratio of
@@ -146,3 +146,15 @@ def get_config(arg: str = ""):
     config.evals = dict(val=dict(kind="retrieval", every_steps=200, split="train[:10%]", batch_size=250, k_test=0))
     config.eval.every_steps = config.total_steps
   return config
+
+
+def downstream(task: str, config) -> str | None:
+  """`vlpjax.compare`: VLMixer's model (one single-stream encoder, no ITM head) is scored zero-shot
+  by ITC similarity alone; vlpjax has no VLMixer task heads yet, so the finetunes do not apply."""
+  if task == "zeroshot":
+    with config.unlocked():
+      config.eval.k_test = 0
+    return None
+  return (f"no VLMixer {task} finetune in vlpjax yet (the 'vlmixer' model kind has no task heads; "
+          "its paper finetunes on paired data, which an unpaired method is compared without)")
+

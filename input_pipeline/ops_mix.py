@@ -9,7 +9,7 @@ Registered ops (TF only; randomness from `example['_seed']` with a fixed salt pe
     object_tags(concept_vocab, demo_config, data_dir, max_objects, label_field, shuffle=True)
         per example, on an image-only example
 
-Cross-modal CutMix (METHODS.md §4.2 C) is decided here, on the host: for each grounded
+Cross-modal CutMix (docs/method_spec.md §4.2 C) is decided here, on the host: for each grounded
 occurrence k of a sentence, independently with probability `p`, its token span is replaced by
 `entry_tokens` (P) visual-token slots, which the model fills on the accelerator with a gallery
 entry of the occurrence's concept (`vlpjax/objectives/cmc.py`). The mixed sequence keeps every

@@ -104,13 +104,18 @@ def downstream_config(method: str, task: Task, size: str, export: str, *, steps:
                       seed: int) -> ml_collections.ConfigDict | str:
   """The task's config at `size` starting from the method's export, or the reason it cannot run.
 
-  A method config may define `downstream(task, config) -> str | None` to adapt the task config
-  (model kind, heads) or to say why the task does not apply; by default the task config takes
-  the pretraining's architecture from the export (`init_from.model_from_checkpoint`).
+  A method config may define `task_config(task, arg) -> str | None` (the config spec to use instead
+  of the task's, e.g. `configs/vicha_finetune.py:snli_ve,demo`) and `downstream(task, config) ->
+  str | None` to adapt the task config (model kind, heads) or to say why the task does not apply;
+  by default the task config takes the pretraining's architecture from the export
+  (`init_from.model_from_checkpoint`).
   """
   from vlpjax import config_lib
   arg = "flickr" if size == "" and task.config.endswith("finetune_retrieval.py") else size
-  config = config_lib.load_config(f"{task.config}:{arg}")
+  method_module = _method_module(method)
+  # A method may finetune with configs of its own (ViCHA feeds its concepts to every task).
+  spec = getattr(method_module, "task_config", lambda name, arg: None)(task.name, arg) or f"{task.config}:{arg}"
+  config = config_lib.load_config(spec)
   with config.unlocked():
     config.init_from.path = export
     config.init_from.model_from_checkpoint = True
@@ -122,7 +127,6 @@ def downstream_config(method: str, task: Task, size: str, export: str, *, steps:
       config.eval.every_steps = config.total_steps
     if batch and task.train:
       config.batch_size = batch
-  method_module = _method_module(method)
   adapt = getattr(method_module, "downstream", None)
   if adapt is not None:
     reason = adapt(task.name, config)
@@ -448,7 +452,7 @@ def chance_level(report: dict, task: str) -> Optional[float]:
 
 
 def define_flags():
-  flags.DEFINE_list("methods", ["albef", "mamo"], f"Methods to compare ({', '.join(METHODS)}).")
+  flags.DEFINE_list("methods", list(METHODS), f"Methods to compare ({', '.join(METHODS)}).")
   flags.DEFINE_list("tasks", list(ALL_TASKS), f"Downstream cells ({', '.join(ALL_TASKS)}).")
   flags.DEFINE_string("workdir", None, "Root of the comparison; one workdir per cell below it.")
   flags.DEFINE_enum("size", "demo", ["demo", "tiny", ""], "Config size of every cell ('' = full recipes, real data).")

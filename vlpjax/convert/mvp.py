@@ -10,7 +10,7 @@ as `cls @ proj`) and the region-feature embedding `img_embedding` (Linear 2054 -
 `predictions` = the MLM head, `seq_relationship` = the ITM head), `half_mlm` (the tag head of
 MCR, also over the words), `qa_head` and `logit_scale`.
 
-What maps where (vlpjax's MVP runs on ViT patches, METHODS.md §5.5):
+What maps where (vlpjax's MVP runs on ViT patches, docs/method_spec.md §5.5):
 
   bert.embeddings.*                   -> text/embeddings/* (the whole table, phrase rows included;
                                          the tags use the same embeddings, as in MVPTR)

@@ -1,5 +1,5 @@
 """VLMixer's model kind (`config.model.kind = 'vlmixer'`): one BERT-initialisable encoder over
-*mixed* sequences, where visual tokens stand in the text (METHODS.md §4.2 D).
+*mixed* sequences, where visual tokens stand in the text (docs/method_spec.md §4.2 D).
 
 It keeps `VLPModel`'s towers and parameter names (vision = ViT, text = BERT layers 0..5, fusion =
 the `merged` single-stream layers 6..11, so `python -m vlpjax.convert --kind=hf_bert` fills it)

@@ -1,6 +1,6 @@
 """MVP (MVPTR; Li, Fan, Tou, Chen, Wei, Huang, ACM MM 2022) on ViT patches: model kind `mvp`.
 
-METHODS.md §5.2 / §5.5. MVPTR encodes two semantic levels per modality: text = `[CLS] words
+docs/method_spec.md §5.2 / §5.5. MVPTR encodes two semantic levels per modality: text = `[CLS] words
 phrases [SEP]` (phrase concepts are extra rows of the word-embedding table), vision = object tags
 `[CLS] tags [SEP]` + region features. A uni-modal stage (a text encoder and a visual encoder) is
 followed by a cross-modal single-stream encoder over [text outputs ; visual outputs of the

@@ -10,7 +10,7 @@ image-only stream: image, image_id, object_boxes, object_concepts, tag_*). Bt / 
 global batches, K occurrences per sentence, P visual tokens per entry, M objects per image,
 E = Bi * M entries of the step's image batch, C concepts, S bank slots per concept.
 
-Gallery entries (METHODS.md §4.2 A, [D]): an object of the image-only stream becomes an entry
+Gallery entries (docs/method_spec.md §4.2 A, [D]): an object of the image-only stream becomes an entry
 of its concept: its box split into the model's entry grid (P cells), each cell the mean of the
 ViT patch states whose centres fall in it, plus the cell's box. Where an occurrence's entry comes
 from is `config.model.gallery_source`:

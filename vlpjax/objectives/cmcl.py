@@ -1,5 +1,5 @@
 """Cross-modal contrastive learning between a sentence and its CutMix view (VLMixer's `cmcl`,
-METHODS.md §4.2 E).
+docs/method_spec.md §4.2 E).
 
 Optional MoCo variant (`queue_size` > 0): keys from the EMA teacher, and queues of earlier keys
 of both views, owned by this objective (its state: orig, mixed [Q, E], valid [Q], ptr).

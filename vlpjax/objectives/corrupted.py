@@ -1,6 +1,6 @@
 """Context features of the single forward pass over the inputs as the pipeline corrupted them.
 
-MVPTR computes all of its pre-training losses from one forward pass (METHODS.md App. A.5): the
+MVPTR computes all of its pre-training losses from one forward pass (docs/method_spec.md App. A.5): the
 text encoder reads the masked words and corrupted phrases, the visual encoder the image with the
 masked tags, and the cross-modal encoder their outputs. VSC, MCR, ITM (its positive pass and
 the encodings its negatives reuse), MLM and WPG all read these features, so a step encodes each

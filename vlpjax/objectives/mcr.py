@@ -1,9 +1,9 @@
-"""Masked concept recovering (MVP, METHODS.md §5.3): the masked object tags predicted from the
+"""Masked concept recovering (MVP, docs/method_spec.md §5.3): the masked object tags predicted from the
 visual encoder with an MLM head tied to the word rows of the shared embedding table.
 
 MVPTR also corrupts the phrase tokens of the text (forced [MASK] when a word of the phrase is
 masked, the leakage rule of `input_pipeline.phrases.corrupt_phrases`) but its loader sets their
-labels to -1, so no phrase is predicted (METHODS.md App. H 12). `phrase_loss=True` adds one: the
+labels to -1, so no phrase is predicted (docs/method_spec.md App. H 12). `phrase_loss=True` adds one: the
 corrupted phrases predicted from the text encoder over the phrase rows of the table (uni-modal
 like the tag part; a vlpjax addition).
 """

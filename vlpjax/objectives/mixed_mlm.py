@@ -1,4 +1,4 @@
-"""Masked language modelling on CMC-mixed sentences (VLMixer, METHODS.md §4.2 E), with an
+"""Masked language modelling on CMC-mixed sentences (VLMixer, docs/method_spec.md §4.2 E), with an
 optional concept-recovery term at the visual tokens."""
 import jax
 import jax.numpy as jnp

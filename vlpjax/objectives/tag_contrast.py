@@ -1,4 +1,4 @@
-"""Tag-aided visual pretraining, tag-image contrast (VLMixer on image-only data, METHODS.md §4.2 F:
+"""Tag-aided visual pretraining, tag-image contrast (VLMixer on image-only data, docs/method_spec.md §4.2 F:
 "a tag-image matching/contrastive term"; the contrastive form is a vlpjax option [D]).
 
 An image's tag sentence `[CLS] tags [SEP]` and its image sentence (`[CLS] patch tokens [SEP]`,

@@ -1,4 +1,4 @@
-"""Tag-aided visual pretraining, tag-image matching (VLMixer on image-only data, METHODS.md §4.2 F):
+"""Tag-aided visual pretraining, tag-image matching (VLMixer on image-only data, docs/method_spec.md §4.2 F):
 does `[CLS] tags [SEP]` describe the image? Negatives are the tags of other images."""
 import jax
 import jax.numpy as jnp

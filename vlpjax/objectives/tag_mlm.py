@@ -1,4 +1,4 @@
-"""Tag-aided visual pretraining, masked tags (VLMixer on image-only data, METHODS.md §4.2 F):
+"""Tag-aided visual pretraining, masked tags (VLMixer on image-only data, docs/method_spec.md §4.2 F):
 [CLS] tags [SEP] beside the image sentence, the masked tag words predicted."""
 from vlpjax.objectives import cmc
 from vlpjax.objectives import context as context_lib

@@ -1,4 +1,4 @@
-"""Visual-semantic contrastive loss (MVP's coarse-grained alignment, METHODS.md §5.3).
+"""Visual-semantic contrastive loss (MVP's coarse-grained alignment, docs/method_spec.md §5.3).
 
 CLIP-style symmetric InfoNCE between the global text and image embeddings of the uni-modal
 encoders, over the global batch (a jitted global array: XLA gathers the features across

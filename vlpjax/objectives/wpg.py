@@ -1,4 +1,4 @@
-"""Weakly-supervised phrase grounding (MVP's fine-grained alignment, METHODS.md §5.3).
+"""Weakly-supervised phrase grounding (MVP's fine-grained alignment, docs/method_spec.md §5.3).
 
 For a pair (T, I), the cross-modal encoder's outputs at the phrase positions of T and at the
 patch positions of I are L2-normalised; each phrase keeps one of its top-k (k = 3) patch
