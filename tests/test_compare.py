@@ -85,3 +85,23 @@ def test_compare_notebook_shows_the_table_and_plots(compared, tmp_path):
   assert text.count("finished earlier; skipped") == len(METHODS) * (1 + len(TASKS))
   assert "| albef |" in text and "| mamo |" in text
   assert test_notebooks._num_figures(notebook) == 2
+
+
+@pytest.mark.parametrize("task", compare.ALL_TASKS)
+def test_every_method_has_a_config_or_a_reason_for_every_task(task):
+  # No training: the cell configs of the three newer methods are built from their hooks.
+  made = {method: compare.downstream_config(method, compare.TASKS[task], "tiny", "/ckpt/export", steps=3, batch=0,
+                                            seed=0)
+          for method in compare.METHODS}
+  for method, config in made.items():
+    assert isinstance(config, str) or config.init_from.path == "/ckpt/export", (method, task)
+  vicha, vlmixer, mvp = made["vicha"], made["vlmixer"], made["mvp"]
+  assert not isinstance(vicha, str)   # ViCHA runs every task, its concepts in the task's ops
+  assert "concepts" in (vicha.input.get("eval_pp", "") + vicha.input.get("eval_extra_pp", "")), task
+  if task == "zeroshot":
+    assert vlmixer.eval.k_test == 0 and mvp.model.kind == "mvp"
+  else:
+    assert isinstance(vlmixer, str) and "VLMixer" in vlmixer
+  assert isinstance(mvp, str) == (task in ("nlvr2", "grounding"))
+  if task == "nlvr2":
+    assert isinstance(made["mamo"], str) and "merged" in mvp

@@ -121,9 +121,10 @@ def downstream_config(method: str, task: Task, size: str, export: str, *, steps:
     config.init_from.model_from_checkpoint = True
     config.seed = seed
     if steps and task.train:
-      config.total_steps = steps + sum(int(s.steps) for s in (config.get("stages") or ())[:-1])
+      # Stages are ConfigDicts or plain dicts (configs that build them as dicts, e.g. ViCHA's NLVR2).
+      config.total_steps = steps + sum(int(s["steps"]) for s in (config.get("stages") or ())[:-1])
       if config.get("stages"):
-        config.stages[-1].steps = steps
+        config.stages[-1]["steps"] = steps
       config.eval.every_steps = config.total_steps
     if batch and task.train:
       config.batch_size = batch
