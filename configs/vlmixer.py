@@ -106,7 +106,9 @@ def get_config(arg: str = ""):
   config.model.entry_grid = entry_grid
   config.model.box_embedding = True
   config.model.image_pool = (0, 0)
-  config.model.gallery_source = "batch_then_bank"
+  # Entries from the image batch, else from the bank of earlier batches (the `gallery` objective
+  # keeps it); without CMC (p_cmc=0, the ablation) nothing is drawn and there is no bank.
+  config.model.gallery_source = "batch_then_bank" if args.p_cmc > 0 else "batch"
   config.model.num_concepts = 1600  # set to the size of your concepts.json
   config.model.cls_id, config.model.sep_id = 101, 102
   # The learnable contrast temperature (`cmcl` head, shared by tag_contrast) stays >= 0.05: a

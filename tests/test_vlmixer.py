@@ -398,3 +398,13 @@ def test_tiny_config_trains_on_8_devices_and_logs_each_term(tmp_path, tmp_path_f
   for stream in ("text", "image"):
     assert f"train/{stream}/data_skipped" in tags
   assert out["step"] == 2 and np.isfinite(out["train/loss"])
+
+
+def test_ablation_without_cmc_validates_and_a_bank_without_gallery_fails_before_compute():
+  from vlpjax import config_lib
+  config = config_lib.load_config("configs/vlmixer.py:tiny,p_cmc=0")
+  config_lib.validate(config)  # no CMC: entries are never drawn, so no bank is needed
+  assert "gallery" not in config.objectives and config.model.gallery_source == "batch"
+  config.model.gallery_source = "batch_then_bank"
+  with pytest.raises(ValueError, match=r"gallery_source='batch_then_bank' reads the gallery bank"):
+    config_lib.validate(config)

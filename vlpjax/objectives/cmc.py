@@ -166,6 +166,16 @@ def gallery_state(ctx) -> dict | None:
   return ctx.objective_state.get("gallery")
 
 
+def check_gallery_source(cfg, config) -> None:
+  """Config check of the objectives that read the CMC draws (before any compute): a gallery source
+  other than 'batch' reads the bank that the `gallery` objective keeps."""
+  del cfg
+  source = config.model.get("gallery_source", "batch")
+  if source != "batch" and "gallery" not in config.objectives:
+    raise ValueError(f"config.model.gallery_source={source!r} reads the gallery bank: add the 'gallery' "
+                     "objective (config.objectives.gallery) or use gallery_source='batch'")
+
+
 @context_lib.feature("cmc_draws")
 def _cmc_draws(ctx):
   """`draw_entries` of the text stream's replaced occurrences (no gradient, shared by both sides)."""

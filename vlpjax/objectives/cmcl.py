@@ -65,6 +65,7 @@ def check_queue(cfg, config) -> None:
   if size and size % batch:
     raise ValueError(f"config.objectives.cmcl.queue_size={size} must be a multiple of the text stream's "
                      f"global batch ({batch})")
+  cmc.check_gallery_source(cfg, config)
 
 
 @registry.register("cmcl", heads=("cmcl",), needs_teacher=lambda cfg: int(cfg.get("queue_size", 0)) > 0,

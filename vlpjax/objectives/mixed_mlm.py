@@ -28,7 +28,8 @@ def occurrence_means(states: jax.Array, mix_slot: jax.Array, mask: jax.Array, nu
   return total / jnp.maximum(jnp.sum(one_hot, axis=1), 1.0)[..., None]
 
 
-@registry.register("mixed_mlm", heads=lambda cfg: ("mlm", "concept") if cfg.get("concept_weight", 0.0) else ("mlm",))
+@registry.register("mixed_mlm", heads=lambda cfg: ("mlm", "concept") if cfg.get("concept_weight", 0.0) else ("mlm",),
+                   check=cmc.check_gallery_source)
 def mixed_mlm_loss(ctx, batch):
   """MLM on the mixed sentences (+ concept recovery at the visual tokens).
 
