@@ -18,21 +18,28 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1
-common="--batch=128 --text_len=30 --steps=20 --peak_tflops=989"
+# The train steps compile in parallel on the host's cores and take turns on the accelerator
+# (--timing_lock); without preallocation the processes share its memory, and each frees its
+# share when it exits after its turn.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+common="--batch=128 --text_len=30 --steps=20 --peak_tflops=989 --timing_lock=$out/timing.lock"
+pick() { [ "$selected" = "  " ] || [[ "$selected" == *" $1 "* ]]; }
 run() {  # name, command...
   local name=$1; shift
-  if [ "$selected" != "  " ] && [[ "$selected" != *" $name "* ]]; then return; fi
+  pick "$name" || return 0
   echo "== $name: $*"
   "$@" > "$out/$name.log" 2>&1 || echo "   failed (rc $?), see $out/$name.log"
 }
-run albef python3 benchmarks/train_step.py --config=configs/albef.py $common
-run mamo python3 benchmarks/train_step.py --config=configs/mamo.py $common
-run vicha python3 benchmarks/train_step.py --config=configs/vicha.py $common
-run vlmixer python3 benchmarks/train_step.py --config=configs/vlmixer.py $common
-run mvp python3 benchmarks/train_step.py --config=configs/mvp.py $common
-run albef_remat python3 benchmarks/train_step.py --config=configs/albef.py $common --remat=full
-run mamo_full python3 benchmarks/train_step.py --config=configs/mamo.py $common --remat=full
-run mamo_dots python3 benchmarks/train_step.py --config=configs/mamo.py $common --remat=dots
+started=$(date +%s)
+for spec in "albef configs/albef.py" "mamo configs/mamo.py" "vicha configs/vicha.py" "vlmixer configs/vlmixer.py" \
+            "mvp configs/mvp.py" "albef_remat configs/albef.py --remat=full" \
+            "mamo_full configs/mamo.py --remat=full" "mamo_dots configs/mamo.py --remat=dots"; do
+  set -- $spec
+  name=$1; config=$2; shift 2
+  run "$name" python3 benchmarks/train_step.py --config="$config" $common "$@" &
+done
+wait
+echo "== train steps done in $(( $(date +%s) - started )) s"
 run attention python3 benchmarks/attention.py
 run device_augment python3 -m benchmarks.input_pipeline --device_only --device_batches=32,128
 run retrieval python3 benchmarks/retrieval_eval.py
