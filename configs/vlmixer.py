@@ -44,8 +44,8 @@ test split:
   python -m vlpjax.main --config=configs/vlmixer.py:demo,p_cmc=0 --workdir=/tmp/vlmixer_demo_nocmc
 
 Measured at 400 steps (2026-12-04, 2 CPU cores; docs/methods/vlmixer.md has the table): test r_mean
-23.4 with CMC, 10.1 with p_cmc=0 (chance 0.5); the paired `configs/albef.py:demo` reaches 12.9 at
-the same steps.
+23.4 with CMC, 10.1 with p_cmc=0 (chance 0.5; with --config.seed=1: 8.3 and 2.3); the paired
+`configs/albef.py:demo` reaches 12.9 at the same steps.
 
 `:tiny` is a seconds-long run used by the tests. Config arguments: p_cmc=<float>, steps=, batch=.
 """
