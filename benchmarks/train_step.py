@@ -122,7 +122,7 @@ def _time(spec, compiled, state, batches, compile_s, attention, config, flops_pe
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   return dict(config=spec, device=f"{jax.device_count()}x {device.device_kind}", batch=FLAGS.batch,
               attention=attention or f"default ({'cudnn' if jax.default_backend() == 'gpu' else 'xla'})",
-              dtype=config.model.dtype, remat=setup.model.config.remat, img_s=img_s,
+              dtype=config.model.dtype, remat=config.model.remat, img_s=img_s,
               gflop_img=flops_per_img / 1e9,
               mfu=flops_per_img * img_s / (FLAGS.peak_tflops * 1e12 * jax.device_count()),
               peak_gib=peak / 2**30, compile_s=compile_s, loss=float(np.asarray(metrics["loss"])))
