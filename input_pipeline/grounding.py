@@ -86,16 +86,6 @@ def _write_json_atomic(obj, path: str) -> None:
   os.replace(tmp, path)
 
 
-def _read_json(path: str, what: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{what} file not found: {path}") from e
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{what} file {path} is not valid JSON: {e}") from e
-
-
 def grounded_captions(paths: tuple[str, ...], max_words: int) -> dict[str, str]:
   """{cleaned caption: "s,e,c;..."} of `grounded_words annotate` outputs (see the module doc).
 
@@ -104,7 +94,7 @@ def grounded_captions(paths: tuple[str, ...], max_words: int) -> dict[str, str]:
   """
   table = {}
   for path in paths:
-    entries = _read_json(path, "grounded-word annotations")
+    entries = words_lib.read_json(path, "grounded-word annotations")
     if not isinstance(entries, list):
       raise ValueError(f"grounded-word annotations {path}: expected a JSON list of entries")
     for index, entry in enumerate(entries):
@@ -146,7 +136,7 @@ def grounding_table(paths: tuple[str, ...], max_words: int) -> tf.lookup.StaticH
 
 def load_label_to_id(path: str) -> dict[str, int]:
   """`label_to_id` of a concept vocabulary JSON (`grounded_words.ConceptVocab`)."""
-  data = _read_json(path, "concept vocabulary")
+  data = words_lib.read_json(path, "concept vocabulary")
   if not isinstance(data, dict) or not isinstance(data.get("label_to_id"), dict):
     raise ValueError(f"concept vocabulary {path}: needs a 'label_to_id' object (the output of "
                      "`python -m input_pipeline.grounded_words vocab`)")
@@ -155,7 +145,7 @@ def load_label_to_id(path: str) -> dict[str, int]:
 
 def num_concepts(path: str) -> int:
   """The number of concepts of a concept vocabulary JSON."""
-  data = _read_json(path, "concept vocabulary")
+  data = words_lib.read_json(path, "concept vocabulary")
   return len(data.get("concepts", ())) if isinstance(data, dict) else 0
 
 

@@ -12,25 +12,16 @@ Images are keyed by the base name of their file ("COCO_train2014_000000000009.jp
 is what an ALBEF-style annotation entry's `image` path ends with (`image_key`).
 """
 import collections
-import json
 import os
 
 import numpy as np
+
+from input_pipeline import words as words_lib
 
 
 def image_key(path: str) -> str:
   """The base name of an image path: how entries are matched to COCO / VG labels."""
   return os.path.basename(str(path).rstrip("/"))
-
-
-def _load_json(path: str, what: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{what} file not found: {path}") from e
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{what} file {path} is not valid JSON: {e}") from e
 
 
 def _need(record, key: str, path: str, where: str):
@@ -52,7 +43,7 @@ def read_coco_instances(path: str):
     counts: collections.Counter {category name: instances}; every category appears (0 when it has
       no instance in this file).
   """
-  data = _load_json(path, "COCO instances")
+  data = words_lib.read_json(path, "COCO instances")
   for key in ("images", "categories", "annotations"):
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
       raise ValueError(f"{path}: a COCO instances file needs a {key!r} list")
@@ -88,7 +79,7 @@ def read_vg_objects(path: str):
     labels: {"<image_id>.jpg": [names, in object order]}.
     counts: collections.Counter {name: occurrences}.
   """
-  data = _load_json(path, "Visual Genome objects")
+  data = words_lib.read_json(path, "Visual Genome objects")
   if not isinstance(data, list):
     raise ValueError(f"{path}: a Visual Genome objects file is a list of images")
   labels, counts = {}, collections.Counter()

@@ -109,16 +109,21 @@ def token_word_indices(doc, char_to_word: list[int]) -> list[int]:
   return indices
 
 
+def read_json(path: str, what: str):
+  """The JSON in `path`; errors name `what` the file is and the path."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{what} file not found: {path}") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{what} file {path} is not valid JSON: {e}") from e
+
+
 def read_annotations(path: str) -> list[dict]:
   """An ALBEF-style annotation JSON: a list of entries whose `caption` is a string or a
   non-empty list of strings."""
-  try:
-    with open(path) as f:
-      entries = json.load(f)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"annotation file not found: {path}") from e
-  except json.JSONDecodeError as e:
-    raise ValueError(f"annotation file {path} is not valid JSON: {e}") from e
+  entries = read_json(path, "annotation")
   if not isinstance(entries, list):
     raise ValueError(f"annotation file {path} must hold a JSON list of entries")
   for k, entry in enumerate(entries):
