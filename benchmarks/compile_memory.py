@@ -30,31 +30,18 @@ flags.DEFINE_integer("batch", 128, "Global batch size.")
 flags.DEFINE_integer("text_len", 30, "Text length in tokens.")
 flags.DEFINE_string("dtype", "", "Override the compute dtype (float32 / bfloat16).")
 flags.DEFINE_string("rules", "dp", "Sharding rule preset.")
+flags.DEFINE_string("scan", "", "Comma-separated config.model.scan_layers values per policy (e.g. false,true); "
+                    "empty keeps the config's.")
 FLAGS = flags.FLAGS
 
 
-def prepare_config(spec: str):
-  """The benchmark config of `spec` (as benchmarks/train_step.py prepares it)."""
-  from vlpjax import config_lib
-  config = config_lib.load_config(spec)
-  config.batch_size = FLAGS.batch
-  config.input.max_len = FLAGS.text_len
-  config.input.synthetic = True
-  if "itc" in config.objectives and config.objectives.itc.get("queue_size", 0):
-    config.objectives.itc.queue_size -= config.objectives.itc.queue_size % FLAGS.batch
-  config.steps_per_epoch = 100
-  config.total_steps = 1000
-  if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
-  config.sharding.rules = FLAGS.rules
-  return config
-
-
-def measure(spec: str, policy: str) -> dict:
+def measure(spec: str, policy: str, scan=None) -> dict:
   import jax
   from vlpjax import sharding, state as state_lib, step as step_lib, synthetic
+  from benchmarks import common
 
-  config = prepare_config(spec)
+  config = common.prepare_config(spec, batch=FLAGS.batch, text_len=FLAGS.text_len, dtype=FLAGS.dtype,
+                                 rules=FLAGS.rules, scan_layers=scan)
   config.model.remat = policy
   mesh = sharding.make_mesh(dict(data=-1))
   setup = state_lib.setup_state(config, mesh)
@@ -67,7 +54,7 @@ def measure(spec: str, policy: str) -> dict:
   t2, c2 = time.perf_counter(), time.process_time()
   mem = compiled.memory_analysis()
   gib = lambda n: n / 2**30  # noqa: E731
-  return dict(config=spec, policy=setup.model.config.remat, device=f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+  return dict(config=spec, policy=setup.model.config.remat, scan=setup.model.config.scan_layers, device=f"{jax.device_count()}x {jax.devices()[0].device_kind}",
               batch=FLAGS.batch, dtype=config.model.dtype, lower_s=t1 - t0, compile_s=t2 - t1, compile_cpu_s=c2 - c1,
               argument_gib=gib(mem.argument_size_in_bytes), output_gib=gib(mem.output_size_in_bytes),
               temp_gib=gib(mem.temp_size_in_bytes), alias_gib=gib(mem.alias_size_in_bytes),
@@ -79,15 +66,18 @@ def measure(spec: str, policy: str) -> dict:
 def main(argv):
   del argv
   rows = []
+  from benchmarks import common
+  scans = [common.parse_bool(v) for v in FLAGS.scan.split(",")] if FLAGS.scan else [None]
   for spec in FLAGS.config.split(","):
     for policy in FLAGS.policies.split(","):
-      rows.append(measure(spec, policy))
-      print(f"done: {rows[-1]}", flush=True)
-  print("| config | remat | device | batch | dtype | lower s | compile s | compile CPU s | args GiB | outputs GiB | "
+      for scan in scans:
+        rows.append(measure(spec, policy, scan))
+        print(f"done: {rows[-1]}", flush=True)
+  print("| config | remat | scan | device | batch | dtype | lower s | compile s | compile CPU s | args GiB | outputs GiB | "
         "temp GiB | aliased GiB | total GiB | code MiB |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['config']} | {r['policy']} | {r['device']} | {r['batch']} | {r['dtype']} | {r['lower_s']:.1f} | "
+    print(f"| {r['config']} | {r['policy']} | {r['scan']} | {r['device']} | {r['batch']} | {r['dtype']} | {r['lower_s']:.1f} | "
           f"{r['compile_s']:.1f} | {r['compile_cpu_s']:.1f} | {r['argument_gib']:.2f} | {r['output_gib']:.2f} | {r['temp_gib']:.2f} | "
           f"{r['alias_gib']:.2f} | {r['total_gib']:.2f} | {r['code_mib']:.1f} |")
 

@@ -2,7 +2,7 @@
 # Every accelerator benchmark in one call (fits the 10-minute limit of a lent H100/H200):
 #   bash benchmarks/gpu_all.sh [OUT_DIR [NAME ...]]
 # Train steps of the pretraining configs (ALBEF, MAMO, ViCHA, VLMixer, MVP; ALBEF with full remat, MAMO with the remat
-# policies 'full' and 'dots'), the attention kernels, the accelerator half of device_augment,
+# policies 'full' and 'dots'; ALBEF and MAMO with their layers under nn.scan), the attention kernels, the accelerator half of device_augment,
 # the host cost of VLMixer's CMC batch op, the Flickr-size retrieval eval with and without the rerank's image key/value cache, and the
 # rerank's FLOPs before/after the cache. NAMEs pick runs (default: all), e.g.
 #   bash benchmarks/gpu_all.sh /tmp/b mamo mamo_full mamo_dots retrieval retrieval_nocache
@@ -33,7 +33,8 @@ run() {  # name, command...
 started=$(date +%s)
 for spec in "albef configs/albef.py" "mamo configs/mamo.py" "vicha configs/vicha.py" "vlmixer configs/vlmixer.py" \
             "mvp configs/mvp.py" "albef_remat configs/albef.py --remat=full" \
-            "mamo_full configs/mamo.py --remat=full" "mamo_dots configs/mamo.py --remat=dots"; do
+            "mamo_full configs/mamo.py --remat=full" "mamo_dots configs/mamo.py --remat=dots" \
+            "albef_scan configs/albef.py --scan_layers=true" "mamo_scan configs/mamo.py --scan_layers=true"; do
   set -- $spec
   name=$1; config=$2; shift 2
   run "$name" python3 benchmarks/train_step.py --config="$config" $common "$@" &
@@ -47,7 +48,7 @@ run retrieval_nocache python3 benchmarks/retrieval_eval.py --image_cache=false
 run rerank_flops python3 benchmarks/rerank_cache.py
 run cmc_op python3 benchmarks/cmc_op.py
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
-for name in albef mamo vicha vlmixer mvp albef_remat mamo_full mamo_dots; do
+for name in albef mamo vicha vlmixer mvp albef_remat mamo_full mamo_dots albef_scan mamo_scan; do
   [ -f "$out/$name.log" ] && grep "^| configs/" "$out/$name.log"
 done
 [ -f "$out/attention.log" ] && grep -A20 "^| shape" "$out/attention.log"

@@ -28,6 +28,8 @@ flags.DEFINE_string("attention_impl", "", "Override config.model.vision.attentio
 flags.DEFINE_string("remat", "none", "Remat policy of every layer (config.model.remat: none, full, dots, "
                     "dots_all; true / false = full / none).")
 flags.DEFINE_string("rules", "dp", "Sharding rule preset.")
+flags.DEFINE_bool("scan_layers", None, "Override config.model.scan_layers (layers under nn.scan); unset keeps "
+                  "the config's.")
 flags.DEFINE_string("profile_dir", "", "If set: trace 3 more steps with jax.profiler into "
                     "PROFILE_DIR/<config>, write the compiled HLO there and print the device "
                     "ops that take the most time (per step).")
@@ -40,22 +42,12 @@ FLAGS = flags.FLAGS
 
 def bench_one(spec: str) -> dict:
   from vlpjax import flops, sharding, state as state_lib, step as step_lib, synthetic
+  from benchmarks import common
 
-  from vlpjax import config_lib
-  config = config_lib.load_config(spec)
-  config.batch_size = FLAGS.batch
-  config.input.max_len = FLAGS.text_len
-  config.input.synthetic = True
-  if "itc" in config.objectives and config.objectives.itc.get("queue_size", 0):
-    config.objectives.itc.queue_size -= config.objectives.itc.queue_size % FLAGS.batch
-  config.steps_per_epoch = 100
-  config.total_steps = 1000
-  if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
-  if FLAGS.attention_impl:
-    config.model.vision.attention_impl = FLAGS.attention_impl
+  config = common.prepare_config(spec, batch=FLAGS.batch, text_len=FLAGS.text_len, dtype=FLAGS.dtype,
+                                 rules=FLAGS.rules, attention_impl=FLAGS.attention_impl,
+                                 scan_layers=FLAGS.scan_layers)
   mesh = sharding.make_mesh(dict(data=-1))
-  config.sharding.rules = FLAGS.rules
 
   def build(remat):
     config.model.remat = remat
@@ -122,7 +114,7 @@ def _time(spec, compiled, state, batches, compile_s, attention, config, flops_pe
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   return dict(config=spec, device=f"{jax.device_count()}x {device.device_kind}", batch=FLAGS.batch,
               attention=attention or f"default ({'cudnn' if jax.default_backend() == 'gpu' else 'xla'})",
-              dtype=config.model.dtype, remat=config.model.remat, img_s=img_s,
+              dtype=config.model.dtype, remat=config.model.remat, scan=bool(config.model.scan_layers), img_s=img_s,
               gflop_img=flops_per_img / 1e9,
               mfu=flops_per_img * img_s / (FLAGS.peak_tflops * 1e12 * jax.device_count()),
               peak_gib=peak / 2**30, compile_s=compile_s, loss=float(np.asarray(metrics["loss"])))
@@ -208,12 +200,12 @@ def main(argv):
   for spec in FLAGS.config.split(","):
     rows.append(bench_one(spec))
     print(f"done: {rows[-1]}", flush=True)
-  header = ("| config | device | batch | dtype | ViT attention | remat | img/s | GFLOP/img | MFU | "
+  header = ("| config | device | batch | dtype | ViT attention | remat | scan | img/s | GFLOP/img | MFU | "
             "peak mem GiB | compile s |")
   print(header)
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['config']} | {r['device']} | {r['batch']} | {r['dtype']} | {r['attention']} | {r['remat']} | {r['img_s']:.1f} | "
+    print(f"| {r['config']} | {r['device']} | {r['batch']} | {r['dtype']} | {r['attention']} | {r['remat']} | {r['scan']} | {r['img_s']:.1f} | "
           f"{r['gflop_img']:.2f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | {r['compile_s']:.1f} |")
 
 

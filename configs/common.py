@@ -96,7 +96,8 @@ def base_config(arg: str, **arg_defaults) -> tuple[ml_collections.ConfigDict, ml
   # The EMA teacher (ALBEF's momentum model): momentum 0 would mean no teacher at all.
   c.teacher = dict(momentum=0.995, alpha=0.4, alpha_ramp_steps=-1)
   c.model = dict(vision=vit_b16(256), text=bert_base(), fusion="cross", embed_dim=256,
-                 heads=("itc", "itm", "mlm"), dtype="bfloat16", remat=remat_field())
+                 heads=("itc", "itm", "mlm"), dtype="bfloat16", remat=remat_field(),
+                 scan_layers=False)   # True: each tower's layers as one nn.scan (docs/benchmarks.md)
   c.objectives = albef_objectives()
   c.optim = albef_optim()
   c.sharding = dict(mesh=dict(data=-1, fsdp=1, tensor=1), rules="dp")

@@ -15,5 +15,5 @@ def test_train_step_benchmark_times_a_tiny_step_under_the_timing_lock(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   (row,) = [line for line in result.stdout.splitlines() if line.startswith("| configs/albef.py:tiny")]
   cells = [c.strip() for c in row.strip("|").split("|")]
-  assert cells[5] == "none" and float(cells[6]) > 0, row  # remat policy, img/s
+  assert cells[5] == "none" and cells[6] == "False" and float(cells[7]) > 0, row  # remat, scan, img/s
   assert os.path.exists(tmp_path / "lock")

@@ -135,6 +135,29 @@ def test_fusion_layers_come_from_the_bert_layers_after_the_text_layers(hf_mlm):
   assert short.failures() and not short.failures(allow_missing=True)
 
 
+def test_scanning_target_gets_stacked_layers_that_restore_in_either_layout(hf_mlm, tmp_path):
+  """`config.model.scan_layers`: the importer writes `text/layers` / `fusion/layers` stacks, and
+  `load_params` gives them back unrolled, equal to the unrolled conversion."""
+  import dataclasses
+  from safetensors.numpy import save_file
+  from vlpjax.models import layout
+  state_dict = {k: v.numpy() for k, v in hf_mlm.state_dict().items()}
+  save_file(state_dict, str(tmp_path / "model.safetensors"))
+  text = dict(vocab_size=VOCAB, width=WIDTH, num_heads=HEADS, mlp_dim=MLP, text_layers=2, fusion_layers=2,
+              max_positions=POSITIONS)
+  target = dataclasses.replace(text_model_config(text), scan_layers=True)
+  convert_checkpoint("hf_bert", str(tmp_path / "model.safetensors"), str(tmp_path / "out"), model_config=target)
+  written = checkpoint._read_items(checkpoint.epath.Path(tmp_path / "out" / "params"))
+  assert set(written["text"]) == {"embeddings", "layers"} and "layers" in written["fusion"]
+  assert written["fusion"]["layers"]["intermediate"]["dense"]["kernel"].shape == (2, WIDTH, MLP)
+  expected, _, _ = convert_state_dict("hf_bert", state_dict, text_model_config(text))
+  expected = traverse_util.flatten_dict(expected, sep="/")
+  loaded = traverse_util.flatten_dict(checkpoint.load_params(tmp_path / "out"), sep="/")
+  assert set(loaded) == set(expected) and not layout.is_scanned(checkpoint.load_params(tmp_path / "out"))
+  for path, value in loaded.items():
+    np.testing.assert_array_equal(value, expected[path], err_msg=path)
+
+
 def test_extra_layer_fails_the_command_naming_it(hf_mlm, tmp_path):
   state_dict = {k: v.numpy() for k, v in hf_mlm.state_dict().items()}
   text = dict(vocab_size=VOCAB, width=WIDTH, num_heads=HEADS, mlp_dim=MLP, text_layers=3, fusion_layers=0,

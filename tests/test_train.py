@@ -51,19 +51,25 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_restore_on_smaller_mesh_without_queue(tmp_path):
+  """FSDP on 8 devices, then resumed on 4; with the layers under nn.scan (their stacked params
+  shard `embed` over fsdp and keep the `layers` axis whole), exported in the scanned layout."""
   workdir = str(tmp_path / "run")
   config = _synthetic_tiny()
   config.objectives.itc.queue_size = 0
+  config.model.scan_layers = True
   config.sharding.mesh = dict(data=4, fsdp=2, tensor=1)
   config.sharding.rules = "fsdp"
   train.train_and_evaluate(config, workdir, stop_after=2)
   config = _synthetic_tiny()
   config.objectives.itc.queue_size = 0
+  config.model.scan_layers = True
   config.sharding.mesh = dict(data=2, fsdp=2, tensor=1)  # 4 of the 8 devices
   config.sharding.rules = "fsdp"
   out = train.train_and_evaluate(config, workdir)
   assert out["step"] == 4
   assert np.isfinite(out["train/loss"])
+  exported = checkpoint._read_items(checkpoint.export_dir(workdir, "pretrain"))
+  assert exported["fusion"]["layers"]["output"]["dense"]["kernel"].shape[0] == config.model.text.fusion_layers
 
 
 def test_bad_config_key_fails_before_compute(tmp_path):

@@ -32,6 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from vlpjax.models import layout
+
 CHECKPOINTS_SUBDIR = "checkpoints"
 EXPORT_SUBDIR = "export"
 _STATE, _META = "state", "meta"
@@ -349,16 +351,17 @@ def load_params(path) -> dict:
       checkpoints root (its latest step).
 
   Returns:
-    A nested dict of `np.ndarray`.
+    A nested dict of `np.ndarray`, in the unrolled (interchange) layer layout whatever layout the
+    checkpoint was saved in (`vlpjax.models.layout`); `partial_restore` puts it into the model's.
   """
   location, key = _params_location(_abspath(path))
   if key is None:
-    return _read_items(location)
+    return layout.unroll(_read_items(location))
   restored = _read_items(location, (key,))
   if key not in restored:
     tree = ocp.PyTreeCheckpointer().metadata(location).item_metadata.tree
     raise KeyError(f"{location} has no {key!r} subtree; top-level keys: {sorted(tree)}")
-  return restored[key]
+  return layout.unroll(restored[key])
 
 
 def load_state_items(path, keys) -> dict:
@@ -406,7 +409,8 @@ def partial_restore(target_params, loaded_params,
 
   Args:
     target_params: the freshly initialised nested params dict (arrays) of the model to train.
-    loaded_params: a nested dict from `load_params` or an importer.
+    loaded_params: a nested dict from `load_params` or an importer, in either layer layout: it is
+      put into the target's first (`layout.like`: scanned stacks or unrolled layers).
     dont_load: regexes (re.fullmatch on '/'-joined paths) of target params to keep as
       initialised, e.g. a new task head ('head/.*').
 
@@ -418,7 +422,7 @@ def partial_restore(target_params, loaded_params,
       a bad regex, or a `dont_load` pattern that matches no path of either tree.
   """
   target = traverse_util.flatten_dict(target_params, sep="/")
-  loaded = traverse_util.flatten_dict(loaded_params, sep="/")
+  loaded = traverse_util.flatten_dict(layout.like(dict(loaded_params), dict(target_params)), sep="/")
   try:
     patterns = [re.compile(p) for p in dont_load]
   except re.error as e:

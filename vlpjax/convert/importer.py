@@ -3,7 +3,9 @@
 `convert_state_dict` is the pure part; `convert_checkpoint` reads a file, refuses to write when
 keys are unmapped or missing (unless allowed), and writes
 
-  DIR/params          Orbax params (`vlpjax.checkpoint.load_params(DIR)` reads it)
+  DIR/params          Orbax params (`vlpjax.checkpoint.load_params(DIR)` reads it), in the layer
+                      layout of the target config (stacked with `config.model.scan_layers`,
+                      `vlpjax.models.layout`; either layout restores into either model)
   DIR/ema_params      Orbax EMA (momentum) params, when the source has or implies them
   DIR/queues.npz      image [Q, E], text [Q, E], idx [Q] int32, ptr int32, when the source has queues
   DIR/conversion.json source, the per-key report, the model config read from the shapes
@@ -20,7 +22,7 @@ from flax import traverse_util
 
 from vlpjax import checkpoint
 from vlpjax.convert import albef, bert, mapping, mvp, torch_io, vit
-from vlpjax.models import vlp
+from vlpjax.models import layout, vlp
 
 PLANNERS = {
     "hf_bert": bert.plan_hf_bert,
@@ -155,7 +157,8 @@ def undetermined_fields(fields: Mapping[str, Any]) -> list[str]:
 def model_param_shapes(cfg: vlp.ModelConfig) -> dict[str, tuple[int, ...]]:
   """'/'-joined param path -> shape of the model of `cfg` (`VLPModel` or the task model whose
   config class it is), without allocating any parameter."""
-  model = vlp.model_for_config(cfg)
+  # Importers map onto the unrolled (interchange) layout; `convert_checkpoint` stacks it after.
+  model = vlp.model_for_config(dataclasses.replace(cfg, scan_layers=False))
   inputs = vlp.init_inputs(cfg, batch_size=1, text_len=2)
   rng = jax.random.PRNGKey(0)
   variables = jax.eval_shape(lambda: model.init({"params": rng, "dropout": rng}, *inputs))
@@ -329,6 +332,9 @@ def convert_checkpoint(source: str, input_path: str, output_dir: str, *, model_c
   problems = report.failures(allow_unmapped, allow_missing)
   if problems:
     raise ConversionError(f"{input_path}: " + "; ".join(problems) + "\n" + report.table())
+  if getattr(as_model_config(model_config), "scan_layers", False):   # the layout the target model uses
+    params = layout.stack(params)
+    ema_params = layout.stack(ema_params) if ema_params is not None else None
   write_outputs(output_dir, params, ema_params, report,
                 extra_json=dict(input=os.path.abspath(input_path), image_res=image_res))
   return report

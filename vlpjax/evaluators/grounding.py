@@ -124,6 +124,15 @@ def _pick(tree, path: Sequence[str]):
   return tree
 
 
+def _layer_leaf(tree, root: str, prefix: str, stacked: str, layer: int, rest: Sequence[str]):
+  """Layer `layer`'s leaf at `rest` below `root`: `root/<prefix><layer>/rest`, or row `layer` of
+  `root/<stacked>/rest` in a scanned stack (`config.model.scan_layers`). Sown values are tuples."""
+  if f"{prefix}{layer}" in tree[root]:
+    return _pick(tree[root][f"{prefix}{layer}"], rest)
+  leaf = _pick(tree[root][stacked], rest)
+  return tuple(x[layer] for x in leaf) if isinstance(leaf, tuple) else leaf[layer]
+
+
 def itm_attention_and_gradients(model, params, images, text_ids, text_mask, *, layer: int, concepts=None
                                 ) -> tuple[jax.Array, jax.Array]:
   """Cross-attention probabilities of fusion layer `layer` and the gradient of Σ_b match logit.
@@ -156,8 +165,8 @@ def itm_attention_and_gradients(model, params, images, text_ids, text_mask, *, l
 
   zeros = _zeros_like_shapes(jax.eval_shape(lambda: fuse(variables, ["perturbations"])[1]["perturbations"]))
   gradients, sown = jax.grad(match_logit_sum, has_aux=True)(zeros)
-  path = ("fusion", f"layer_{layer}", "crossattention", "attention_weights")
-  return _pick(sown, path)[0], _pick(gradients, path)
+  where = ("fusion", "layer_", "layers", layer, ("crossattention", "attention_weights"))
+  return _layer_leaf(sown, *where)[0], _layer_leaf(gradients, *where)
 
 
 def itc_attention_and_gradients(model, params, images, text_ids, text_mask, *, layer: int
@@ -171,7 +180,7 @@ def itc_attention_and_gradients(model, params, images, text_ids, text_mask, *, l
     (attention, gradients), both float32 [batch, heads, 1 + patches, 1 + patches].
   """
   cfg = model.config
-  vision = vit.VisionTransformer(cfg.vision, cfg.compute_dtype, sow_weights=True)
+  vision = vit.VisionTransformer(cfg.vision, cfg.compute_dtype, sow_weights=True, scan=cfg.scan_layers)
   variables = {"params": params}
   text_states = model.apply(variables, text_ids, text_mask, method=model.encode_text)["states"]
   text_feat = model.apply(variables, text_states[:, 0], method=model.project_text)
@@ -188,8 +197,9 @@ def itc_attention_and_gradients(model, params, images, text_ids, text_mask, *, l
 
   zeros = _zeros_like_shapes(jax.eval_shape(vision_perturbations))
   gradients, sown = jax.grad(diagonal_similarity_sum, has_aux=True)(zeros)
-  path = (f"block_{layer}", "attn", "attention_weights")
-  return _pick(sown, path)[0], _pick(gradients, path)
+  where = ("vision", "block_", "blocks", layer, ("attn", "attention_weights"))
+  sown, gradients = {"vision": sown}, {"vision": gradients}
+  return _layer_leaf(sown, *where)[0], _layer_leaf(gradients, *where)
 
 
 def check_gradcam_setting(model_config, mode: str, layer: int, where: str = "layer"):

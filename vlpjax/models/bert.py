@@ -96,6 +96,9 @@ class BertLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, memory=None, memory_mask=None, deterministic=True):
+    return self.layer(x, mask, memory, memory_mask, deterministic)
+
+  def layer(self, x, mask, memory, memory_mask, deterministic):
     cfg = self.cfg
     if x is None:   # the cross-attention key/value cache of `memory`
       return layers.Attention(cfg.num_heads, cfg.width, cfg.attention_dropout, self.dtype,
@@ -111,35 +114,82 @@ class BertLayer(nn.Module):
     return feed_forward_block(cfg, self.dtype, x, deterministic)
 
 
+class ScanBertLayer(BertLayer):
+  """A `BertLayer` as one iteration of a scanned stack (`layers.scan_stack`).
+
+  (x, mask, memory, memory_mask, cache) -> (x', x'): mask, memory and memory_mask are the same for
+  every layer; `cache` is None or this layer's slice of a stacked `layers.KeyValue`, used in place
+  of `memory`. With x None the iteration returns (None, this layer's cross-attention key/value
+  cache of `memory`). `deterministic` is an attribute: scan arguments must be arrays.
+  """
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, memory, memory_mask, cache):
+    if x is None:
+      return None, self.layer(None, None, memory, None, True)
+    if cache is not None:
+      memory = layers.KeyValue(*cache)
+    x = self.layer(x, mask, memory, memory_mask, self.deterministic)
+    return x, x
+
+
 def _layer_cls(remat):
   """BertLayer under the remat policy `remat` (a `layers.remat_policy` value, or bool)."""
   # `deterministic` (argument 5, counting self) must be static under remat.
   return layers.remat(BertLayer, remat, static_argnums=(5,))
 
 
+def _scanned_layers(cfg: "TextConfig", num_layers: int, remat, *, deterministic: bool, **attrs) -> nn.Module:
+  """`num_layers` BERT layers as one scanned stack (params [num_layers, ...]); see `ScanBertLayer`."""
+  broadcast = nn.broadcast
+  stack = layers.scan_stack(ScanBertLayer, num_layers, remat, (broadcast, broadcast, broadcast, 0))
+  return stack(cfg, deterministic=deterministic, **attrs)
+
+
+def _stack_cache(cache) -> layers.KeyValue:
+  """Per-layer `layers.KeyValue` list -> one KeyValue of [layers, ...] arrays (a scanned stack's)."""
+  return layers.KeyValue(jnp.stack([kv[0] for kv in cache]), jnp.stack([kv[1] for kv in cache]))
+
+
 class TextEncoder(nn.Module):
   """The text tower: embeddings + `text_layers` self-attention layers.
 
   Returns `states` [batch, length, width], `layer_cls` [layers, batch, width] and
-  `layer_states` (each layer's [batch, length, width]).
+  `layer_states` (each layer's [batch, length, width]: a list, or with `scan` one
+  [layers, batch, length, width] array). With `scan` the layers are one `nn.scan` stack named
+  `layers` (params [text_layers, ...]) instead of `layer_0 .. layer_{n-1}`.
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
   remat: Any = False   # a `layers.remat_policy` value (or bool)
+  scan: bool = False
 
   def setup(self):
     self.embeddings = Embeddings(self.cfg, self.dtype)
-    layer = _layer_cls(self.remat)
-    self.layers = [layer(self.cfg, dtype=self.dtype, name=f"layer_{i}") for i in range(self.cfg.text_layers)]
+    if not self.scan:   # the scanned stack is made per call (`_layer_stack`): `deterministic` is static
+      layer = _layer_cls(self.remat)
+      self.layers = [layer(self.cfg, dtype=self.dtype, name=f"layer_{i}") for i in range(self.cfg.text_layers)]
 
   def __call__(self, ids, mask, *, deterministic=True):
     x = self.embeddings(ids, deterministic=deterministic)
-    layer_cls, layer_states = [], []
+    return self.encode_embedded(x, mask, deterministic=deterministic)
+
+  @nn.compact
+  def _layer_stack(self, x, mask, deterministic):
+    return _scanned_layers(self.cfg, self.cfg.text_layers, self.remat, deterministic=deterministic,
+                           dtype=self.dtype, name="layers")(x, mask, None, None, None)
+
+  def encode_embedded(self, x, mask, *, deterministic=True):
+    """The layers alone, over embedded inputs x [batch, length, width]; returns as `__call__`."""
+    if self.scan:
+      x, layer_states = self._layer_stack(x, mask, deterministic)
+      return dict(states=x, layer_cls=layer_states[:, :, 0], layer_states=layer_states)
+    layer_states = []
     for layer in self.layers:
       x = layer(x, mask, None, None, deterministic)
       layer_states.append(x)
-      layer_cls.append(x[:, 0])
-    return dict(states=x, layer_cls=jnp.stack(layer_cls), layer_states=layer_states)
+    return dict(states=x, layer_cls=jnp.stack([state[:, 0] for state in layer_states]), layer_states=layer_states)
 
 
 class CrossFusion(nn.Module):
@@ -151,25 +201,45 @@ class CrossFusion(nn.Module):
   uses them instead of projecting `image_states` (which may then be None). G may divide the
   text batch B: each run of B / G consecutive texts then attends to one cached image (the ITM
   rerank scores many texts per image that way; `layers.Attention`).
+  With `scan` the layers are one `nn.scan` stack named `layers` (params [fusion_layers, ...]);
+  `layer_text_states` is then one [layers, batch, length, width] array, and the cache is still
+  a per-layer list.
   """
   cfg: TextConfig
   dtype: Any = jnp.float32
   remat: Any = False   # a `layers.remat_policy` value (or bool)
   sow_weights: bool = False
+  scan: bool = False
 
   def setup(self):
-    layer = _layer_cls(self.remat)
-    self.layers = [layer(self.cfg, cross_attention=True, dtype=self.dtype, sow_weights=self.sow_weights,
-                         name=f"layer_{i}") for i in range(self.cfg.fusion_layers)]
+    if not self.scan:   # the scanned stack is made per call (`_layer_stack`): `deterministic` is static
+      layer = _layer_cls(self.remat)
+      self.layers = [layer(self.cfg, cross_attention=True, dtype=self.dtype, sow_weights=self.sow_weights,
+                           name=f"layer_{i}") for i in range(self.cfg.fusion_layers)]
+
+  @nn.compact
+  def _layer_stack(self, x, mask, memory, memory_mask, cache, deterministic):
+    return _scanned_layers(self.cfg, self.cfg.fusion_layers, self.remat, deterministic=deterministic,
+                           cross_attention=True, dtype=self.dtype, sow_weights=self.sow_weights,
+                           name="layers")(x, mask, memory, memory_mask, cache)
 
   def image_cache(self, image_states):
     """Per-layer cross-attention `layers.KeyValue` of image_states [G, N, Dv] ([G, N, heads, head_dim])."""
+    if self.scan:
+      _, cache = self._layer_stack(None, None, image_states, None, None, True)
+      return [layers.KeyValue(cache[0][i], cache[1][i]) for i in range(self.cfg.fusion_layers)]
     return [layer(None, None, image_states, None, True) for layer in self.layers]
 
   def __call__(self, text_states, text_mask, image_states, image_mask=None, *, deterministic=True,
                image_cache=None):
-    if image_cache is not None and len(image_cache) != len(self.layers):
-      raise ValueError(f"image_cache has {len(image_cache)} layers; the fusion has {len(self.layers)}")
+    if image_cache is not None and len(image_cache) != self.cfg.fusion_layers:
+      raise ValueError(f"image_cache has {len(image_cache)} layers; the fusion has {self.cfg.fusion_layers}")
+    if self.scan:
+      cache = None if image_cache is None else _stack_cache(image_cache)
+      x, layer_text_states = self._layer_stack(text_states, text_mask, image_states, image_mask, cache,
+                                               deterministic)
+      return dict(text_states=x, image_states=None, layer_text_states=layer_text_states,
+                  layer_image_states=None)
     x = text_states
     layer_text_states = []
     for i, layer in enumerate(self.layers):
@@ -189,6 +259,7 @@ class MergedFusion(nn.Module):
   cfg: TextConfig
   dtype: Any = jnp.float32
   remat: Any = False   # a `layers.remat_policy` value (or bool)
+  scan: bool = False   # the layers as one `nn.scan` stack named `layers` (as `CrossFusion`)
 
   @nn.compact
   def __call__(self, text_states, text_mask, image_states, image_mask=None, *, deterministic=True):
@@ -202,6 +273,11 @@ class MergedFusion(nn.Module):
     if image_mask is None:
       image_mask = jnp.ones(image_states.shape[:2], jnp.int32)
     mask = jnp.concatenate([text_mask.astype(jnp.int32), image_mask.astype(jnp.int32)], axis=1)
+    if self.scan:
+      x, states = _scanned_layers(cfg, cfg.fusion_layers, self.remat, deterministic=deterministic,
+                                  dtype=self.dtype, name="layers")(x, mask, None, None, None)
+      return dict(text_states=x[:, :num_text], image_states=x[:, num_text:],
+                  layer_text_states=states[:, :, :num_text], layer_image_states=states[:, :, num_text:])
     layer = _layer_cls(self.remat)
     layer_text_states, layer_image_states = [], []
     for i in range(cfg.fusion_layers):
@@ -212,10 +288,11 @@ class MergedFusion(nn.Module):
                 layer_text_states=layer_text_states, layer_image_states=layer_image_states)
 
 
-def make_fusion(kind: str, cfg: TextConfig, dtype, remat, sow_weights: bool = False) -> nn.Module:
+def make_fusion(kind: str, cfg: TextConfig, dtype, remat, sow_weights: bool = False, scan: bool = False
+                ) -> nn.Module:
   if kind == "cross":
-    return CrossFusion(cfg, dtype, remat, sow_weights, name="fusion")
+    return CrossFusion(cfg, dtype, remat, sow_weights, scan, name="fusion")
   if kind == "merged":
-    return MergedFusion(cfg, dtype, remat, name="fusion")
+    return MergedFusion(cfg, dtype, remat, scan, name="fusion")
   raise ValueError(f"config.model.fusion must be 'cross' or 'merged', got {kind!r}")
 

@@ -114,6 +114,31 @@ def remat(module_class, policy, static_argnums: tuple[int, ...] = ()):
   return nn.remat(module_class, static_argnums=static_argnums, policy=REMAT_POLICIES[name])
 
 
+# ----------------------------------------------------------------------------- scanned layer stacks
+
+# `config.model.scan_layers`: a tower's layers as one `nn.scan` over a single layer body whose
+# params carry a leading [layers] axis (logical name 'layers', never sharded), so XLA compiles one
+# layer instead of `depth` copies. Sown attention and Grad-CAM perturbation points are stacked the
+# same way. `vlpjax.models.layout` converts params between this layout and the unrolled one.
+SCAN_VARIABLE_AXES = {"params": 0, "intermediates": 0, "perturbations": 0}
+LAYERS_AXIS = "layers"
+
+
+def scan_stack(body_class, length: int, policy, in_axes: tuple):
+  """`body_class` (a layer whose `__call__(carry, *args)` returns (carry, per-layer output)) scanned
+  `length` times, each iteration rematerialised under `policy` (a `remat_policy` value).
+
+  `in_axes` gives each non-carry argument's axis: `nn.broadcast` (the same for every layer) or 0
+  (a per-layer slice, e.g. a stacked key/value cache). Returns the module class; per-layer outputs
+  come back stacked on a leading [length] axis.
+  """
+  name = remat_policy(policy)
+  if name != "none":
+    body_class = nn.remat(body_class, policy=REMAT_POLICIES[name], prevent_cse=False)
+  return nn.scan(body_class, variable_axes=SCAN_VARIABLE_AXES, split_rngs={"params": True, "dropout": True},
+                 in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+
+
 def key_padding_mask(mask: Optional[jax.Array]) -> Optional[jax.Array]:
   """[batch, keys] {0,1} -> bool [batch, 1, 1, keys], broadcastable over heads and queries."""
   if mask is None:

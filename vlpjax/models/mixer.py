@@ -213,11 +213,8 @@ class VLMixerModel(vlp.VLPModel):
     return emb.dropout(emb.norm(x), deterministic=deterministic)
 
   def encode_embedded(self, x, mask, deterministic=True):
-    layer_cls = []
-    for layer in self.text.layers:
-      x = layer(x, mask, None, None, deterministic)
-      layer_cls.append(x[:, 0])
-    return dict(states=x, layer_cls=jnp.stack(layer_cls))
+    out = self.text.encode_embedded(x, mask, deterministic=deterministic)
+    return dict(states=out["states"], layer_cls=out["layer_cls"])
 
   def encode_mixed(self, ids, mask, types, positions, visual, deterministic=True):
     x = self.embed_sequence(ids, types, positions, visual, deterministic)

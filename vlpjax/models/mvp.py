@@ -316,9 +316,10 @@ class MvpModel(vlp.VLPModel):
   def setup(self):
     # VLPModel.setup with the text tower's table enlarged by the phrase rows, and the pooler.
     cfg, dtype = self.config, self.config.compute_dtype
-    self.vision = vit.VisionTransformer(cfg.vision, dtype, cfg.remat)
-    self.text = bert.TextEncoder(dataclasses.replace(cfg.text, vocab_size=cfg.table_size), dtype, cfg.remat)
-    self.fusion = bert.make_fusion(cfg.fusion, cfg.text, dtype, cfg.remat, cfg.sow_attention)
+    self.vision = vit.VisionTransformer(cfg.vision, dtype, cfg.remat, scan=cfg.scan_layers)
+    self.text = bert.TextEncoder(dataclasses.replace(cfg.text, vocab_size=cfg.table_size), dtype, cfg.remat,
+                               scan=cfg.scan_layers)
+    self.fusion = bert.make_fusion(cfg.fusion, cfg.text, dtype, cfg.remat, cfg.sow_attention, cfg.scan_layers)
     if cfg.image_tokens is not None:
       self.image_tokens = vlp.image_tokens_spec(cfg.image_tokens.kind).build(self)
     self.pooler = layers.Dense(cfg.text.width, ("embed", "mlp"), dtype=dtype)

@@ -45,6 +45,9 @@ class VitBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None):
+    return self.block(x, mask)
+
+  def block(self, x, mask):
     cfg = self.cfg
     y = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm1")(x)
     x = x + layers.Attention(cfg.num_heads, cfg.width, dtype=self.dtype, sow_weights=self.sow_weights,
@@ -52,6 +55,15 @@ class VitBlock(nn.Module):
     y = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="norm2")(x)
     x = x + layers.Mlp(int(cfg.width * cfg.mlp_ratio), cfg.width, dtype=self.dtype, name="mlp")(y)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class ScanVitBlock(VitBlock):
+  """A `VitBlock` as one iteration of a scanned stack: (x, mask) -> (x', x')."""
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    x = self.block(x, mask)
+    return x, x
 
 
 class VisionTransformer(nn.Module):
@@ -67,11 +79,15 @@ class VisionTransformer(nn.Module):
   mask over [tokens ; extra tokens], None when nothing is masked).
   With `sow_weights` every block's attention probabilities are sown and perturbable
   (`layers.Attention`; ITC-mode Grad-CAM).
+  With `scan` the blocks are one `nn.scan` stack named `blocks` (params [depth, ...]; sown
+  attention and perturbations stacked the same way) instead of `block_0 .. block_{depth-1}`;
+  `layer_states` is then one [depth, batch, tokens, width] array instead of a list.
   """
   cfg: VisionConfig
   dtype: Any = jnp.float32
   remat: Any = False   # a `layers.remat_policy` value (or bool)
   sow_weights: bool = False
+  scan: bool = False
 
   def setup(self):
     cfg = self.cfg
@@ -87,8 +103,12 @@ class VisionTransformer(nn.Module):
         (1, cfg.num_patches + 1, cfg.width), jnp.float32)
     self.mask_token = self.param("mask_token", layers.with_axes(nn.initializers.zeros, (None, None, "embed")),
                                  (1, 1, cfg.width), jnp.float32)
-    block = layers.remat(VitBlock, self.remat)
-    self.blocks = [block(cfg, self.dtype, self.sow_weights, name=f"block_{i}") for i in range(cfg.depth)]
+    if self.scan:
+      self.blocks = layers.scan_stack(ScanVitBlock, cfg.depth, self.remat, (nn.broadcast,))(
+          cfg, self.dtype, self.sow_weights)
+    else:
+      block = layers.remat(VitBlock, self.remat)
+      self.blocks = [block(cfg, self.dtype, self.sow_weights, name=f"block_{i}") for i in range(cfg.depth)]
     self.norm = layers.LayerNorm(cfg.layer_norm_eps, self.dtype)
 
   def embed(self, images, patch_mask=None):
@@ -125,9 +145,13 @@ class VisionTransformer(nn.Module):
       if extra_mask is not None:
         image_valid = jnp.ones(x.shape[:1] + (x.shape[1] - extra_tokens.shape[1],), jnp.int32)
         mask = jnp.concatenate([image_valid, extra_mask.astype(jnp.int32)], axis=1)
-    layer_cls, layer_states = [], []
-    for block in self.blocks:
-      x = block(x, mask)
-      layer_states.append(x)
-      layer_cls.append(self.norm(x[:, 0]))
-    return dict(states=self.norm(x), layer_cls=jnp.stack(layer_cls), layer_states=layer_states, mask=mask)
+    if self.scan:
+      x, layer_states = self.blocks(x, mask)
+      layer_cls = self.norm(layer_states[:, :, 0])
+    else:
+      layer_states = []
+      for block in self.blocks:
+        x = block(x, mask)
+        layer_states.append(x)
+      layer_cls = jnp.stack([self.norm(state[:, 0]) for state in layer_states])
+    return dict(states=self.norm(x), layer_cls=layer_cls, layer_states=layer_states, mask=mask)

@@ -29,6 +29,9 @@ class ModelConfig:
   # What each transformer layer keeps for the backward pass: a `layers.REMAT_POLICIES` name
   # ('none', 'full', 'dots', 'dots_all'); True / False mean 'full' / 'none' (old configs).
   remat: Any = "none"
+  # The ViT blocks, text layers and fusion layers each as one `nn.scan` stack (params with a
+  # leading [layers] axis, `vlpjax.models.layout`): one layer compiled per tower instead of all.
+  scan_layers: bool = False
   temp_init: float = 0.07
   temp_min: float = 0.001
   temp_max: float = 0.5
@@ -235,9 +238,9 @@ class VLPModel(nn.Module):
 
   def setup(self):
     cfg, dtype = self.config, self.config.compute_dtype
-    self.vision = vit.VisionTransformer(cfg.vision, dtype, cfg.remat)
-    self.text = bert.TextEncoder(cfg.text, dtype, cfg.remat)
-    self.fusion = bert.make_fusion(cfg.fusion, cfg.text, dtype, cfg.remat, cfg.sow_attention)
+    self.vision = vit.VisionTransformer(cfg.vision, dtype, cfg.remat, scan=cfg.scan_layers)
+    self.text = bert.TextEncoder(cfg.text, dtype, cfg.remat, scan=cfg.scan_layers)
+    self.fusion = bert.make_fusion(cfg.fusion, cfg.text, dtype, cfg.remat, cfg.sow_attention, cfg.scan_layers)
     if cfg.image_tokens is not None:
       self.image_tokens = image_tokens_spec(cfg.image_tokens.kind).build(self)
     for name in cfg.heads:
