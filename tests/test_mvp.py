@@ -7,10 +7,9 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from configs import mvp
-from vlpjax import checkpoint, config_lib, train
+from vlpjax import checkpoint, config_lib, metrics as metrics_lib, train
 
 LOSSES = ("vsc", "mcr", "itm", "mlm", "wpg")
 
@@ -23,13 +22,7 @@ def _config(arg="tiny"):
 
 
 def _scalars(workdir, tag):
-  values = {}
-  for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
-  return values
+  return metrics_lib.read_scalars(workdir).get(tag, {})
 
 
 def test_tiny_trains_on_8_devices_logs_each_loss_and_keeps_no_teacher(tmp_path):

@@ -1,6 +1,5 @@
 """A preempted or interrupted run, a NaN, bad data and a mismatched checkpoint, as a user meets them:
 real subprocesses for the signals and the command-line errors."""
-import glob
 import os
 import signal
 import subprocess
@@ -10,10 +9,9 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from configs import albef, mamo
-from vlpjax import checkpoint, train
+from vlpjax import checkpoint, metrics as metrics_lib, train
 from vlpjax.objectives import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,13 +34,7 @@ SYNTHETIC = ("--config.input.synthetic=True", "--config.eval.every_steps=0", "--
 
 
 def _scalars(workdir, tag):
-  values = {}
-  for path in glob.glob(os.path.join(str(workdir), "**", "events.out.tfevents.*"), recursive=True):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
+  return metrics_lib.read_scalars(workdir).get(tag, {})
 
 
 def _interrupt(workdir, signum) -> tuple[int, str, float]:

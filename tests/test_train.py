@@ -1,14 +1,12 @@
 """The training loop end to end: TensorBoard events, checkpoints, exports, resume, smaller mesh."""
-import glob
 import os
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from configs import albef
-from vlpjax import checkpoint, train
+from vlpjax import checkpoint, metrics as metrics_lib, train
 
 
 def _synthetic_tiny(steps=4):
@@ -21,13 +19,7 @@ def _synthetic_tiny(steps=4):
 
 
 def _scalars(workdir, tag):
-  values = {}
-  for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
-  return values
+  return metrics_lib.read_scalars(workdir).get(tag, {})
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):

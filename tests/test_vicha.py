@@ -1,26 +1,19 @@
 """configs/vicha.py end to end: the tiny run trains on 8 simulated devices from the demo data
 (concepts, MAE keep indices) and logs every term; the zero-shot retrieval eval feeds the concepts;
 gradients reach the student only."""
-import glob
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow as tf
 
-from vlpjax import config_lib, sharding, state as state_lib, step as step_lib, synthetic, train
+from vlpjax import config_lib, metrics as metrics_lib, sharding, state as state_lib, step as step_lib, synthetic, train
 from vlpjax.models import vlp
 from vlpjax.objectives import registry
 
 
 def _tags(workdir):
-  tags = set()
-  for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      tags.update(v.tag for v in event.summary.value)
-  return tags
+  return set(metrics_lib.read_scalars(workdir))
 
 
 def test_tiny_run_on_8_devices_logs_each_term_and_evaluates_with_concepts(tmp_path, monkeypatch):

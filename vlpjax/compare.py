@@ -195,12 +195,12 @@ def pretrain_cost(config) -> dict:
 
 
 def run_pretrain(root: str, cell: Cell, config) -> dict:
-  from vlpjax import train
+  from vlpjax import metrics as metrics_lib, train
   start = time.time()
   out = train.train_and_evaluate(config, cell.workdir(root))
   if out.get("stopped_by"):
     raise KeyboardInterrupt(f"stopped by {out['stopped_by']}")
-  scalars = _train_scalars(cell.workdir(root))
+  scalars = metrics_lib.read_scalars(cell.workdir(root), recursive=False)
   img_s = scalars.get("perf/img_per_sec", {})
   result = dict(status="done", step=out.get("step"), wall_s=time.time() - start,
                 img_per_sec=_mean_after_first(img_s),
@@ -225,17 +225,6 @@ def run_task(root: str, cell: Cell, task: Task, config) -> dict:
     os.makedirs(cell.workdir(root), exist_ok=True)
     metrics = evaluate.evaluate_checkpoint(config, workdir=cell.workdir(root), verbose=False)
   return dict(status="done", metrics=metrics, wall_s=time.time() - start, config=_jsonable(config))
-
-
-def _train_scalars(workdir: str) -> dict:
-  import tensorflow as tf
-  values: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
-        values.setdefault(value.tag, {})[event.step] = number
-  return values
 
 
 def _mean_after_first(series: dict) -> float:
@@ -397,8 +386,9 @@ def _plots(root: str, report: dict) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from vlpjax import metrics as metrics_lib
   methods = report["plan"]["methods"]
-  curves = {m: _train_scalars(Cell(m, 0, "pretrain").workdir(root)) for m in methods}
+  curves = {m: metrics_lib.read_scalars(Cell(m, 0, "pretrain").workdir(root), recursive=False) for m in methods}
   terms = sorted({t for c in curves.values() for t in c if t.startswith("train/") and t.endswith("/loss")})
   if terms:
     cols = min(4, len(terms))

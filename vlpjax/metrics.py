@@ -25,6 +25,23 @@ def create_writer(workdir, *, process_index: int, collection: str | None = None)
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
 
 
+def read_scalars(workdir, *, recursive: bool = True) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of every scalar in the TensorBoard event files of `workdir` (and of its
+  subdirectories with `recursive`), as `create_writer` writes them (tensor or simple values)."""
+  import glob
+  import os
+  import tensorflow as tf
+  pattern = os.path.join(str(workdir), "**", "events.out.tfevents.*") if recursive else \
+      os.path.join(str(workdir), "events.out.tfevents.*")
+  values: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(pattern, recursive=recursive)):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+        values.setdefault(value.tag, {})[event.step] = number
+  return values
+
+
 def _format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
