@@ -34,6 +34,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       num_train_examples=120_624, heads=("itc", "itm"))
   config.eval.gradcam_layer = min(2, config.model.text.fusion_layers - 1)
   config.eval.gradcam_mode = "itm"
+  # ITC mode (merged-fusion models: MAMO, MVP) reads ViT block 8 (ALBEF's), the last one of a
+  # shallower ViT (the demo's 4 blocks).
+  config.eval.block_num = min(8, config.model.vision.depth - 1)
   if not args.size:
     config.objectives.itc.queue_size = 65536
     config.optim.schedule.warmup_lr = 1e-5  # ALBEF: epoch 0 flat at the base lr

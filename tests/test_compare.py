@@ -103,5 +103,11 @@ def test_every_method_has_a_config_or_a_reason_for_every_task(task):
   else:
     assert isinstance(vlmixer, str) and "VLMixer" in vlmixer
   assert isinstance(mvp, str) == (task in ("nlvr2", "grounding"))
+  if task == "grounding":   # each Grad-CAM setting fits its model (MAMO's ITC mode: a ViT block it has)
+    from vlpjax.evaluators import grounding
+    from vlpjax.models import vlp
+    for method, config in made.items():
+      if not isinstance(config, str):
+        grounding.check_gradcam_setting(vlp.build_config(config.model), *grounding.gradcam_setting(config.eval))
   if task == "nlvr2":
     assert isinstance(made["mamo"], str) and "merged" in mvp
