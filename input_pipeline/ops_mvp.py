@@ -57,6 +57,7 @@ DEFAULT_MIN_SENTENCES = 50
 # Part of the demo cache's directory name: bump it when the extraction rules change.
 DEMO_CACHE_VERSION = "v1"
 _SALT_PHRASES = zlib.crc32(b"mvp_text:phrases") & 0x7FFFFFFF
+_SALT_DROP_TAGS = zlib.crc32(b"drop_tags") & 0x7FFFFFFF
 _FINGERPRINT_BUCKETS = 2**63 - 1
 
 
@@ -290,6 +291,30 @@ def get_mvp_concepts(path: str = "", eval_path: str = "", demo: str = "", data_d
     if "image_id" in example:
       out["tags"] = tags.lookup(tf.cast(example["image_id"], tf.int64))
     return out
+
+  return fn
+
+
+@registry.register("drop_tags")
+def get_drop_tags(prob: float, key: str = "tags"):
+  """Empties `example[key]` (an image's space-joined tags) with probability `prob`, drawn from the
+  example's seed (so resume and sharding see the same draws).
+
+  A dropped image trains from its patches alone: its tag sequence is `[CLS] [SEP]`, so `mcr` has
+  nothing to recover there and VSC / ITM / WPG must read the pixels. [D] Not in MVPTR; the demo
+  ablation in docs/methods/mvp.md is why (`config.input.tag_drop`). `prob` 0 is the identity.
+  """
+  prob = float(prob)
+  if not 0.0 <= prob <= 1.0:
+    raise ValueError(f"drop_tags: prob must be in [0, 1] (config.input.tag_drop), got {prob}")
+
+  def fn(example):
+    if key not in example:
+      raise KeyError(f"drop_tags: example has no {key!r} (run mvp_concepts first); keys: {sorted(example)}")
+    if prob == 0.0:
+      return example
+    draw = tf.random.stateless_uniform([], seed=example_seed(example, _SALT_DROP_TAGS, "drop_tags"))
+    return {**example, key: tf.where(draw < prob, tf.constant("", tf.string), example[key])}
 
   return fn
 

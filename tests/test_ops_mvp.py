@@ -142,3 +142,21 @@ def test_mvp_concepts_errors_name_the_problem(tmp_path):
     ops_mvp.get_mvp_concepts(word_vocab=128, phrase_vocab=6)
   with pytest.raises((ValueError, FileNotFoundError), match="missing.json"):
     ops_mvp.get_mvp_concepts(path=str(tmp_path / "missing.json"), word_vocab=128, phrase_vocab=6)
+
+
+def test_drop_tags_empties_a_seeded_fraction_and_tokenizes_to_cls_sep():
+  examples = [{"tags": tf.constant("red circle blue square"), "_seed": pipeline.example_seed(0, i)}
+              for i in range(400)]
+  dropped = _run("drop_tags(0.3)|tokenize(20, key='tags', out='concept', append_sep=True)", examples)
+  empty = np.array([e["tags"] == b"" for e in dropped])
+  assert 0.22 < empty.mean() < 0.38   # 400 Bernoulli(0.3) draws
+  cls = dropped[0]["concept_ids"][0]
+  for e, was_dropped in zip(dropped, empty):   # a dropped image keeps `[CLS] [SEP]` only
+    assert e["concept_ids"][0] == cls
+    assert (e["concept_mask"].sum() == 2) == was_dropped
+  again = _run("drop_tags(0.3)", examples)   # the same seeds draw the same images
+  assert [e["tags"] == b"" for e in again] == list(empty)
+  kept = _run("drop_tags(0.0)", examples[:5])
+  assert all(e["tags"] == b"red circle blue square" for e in kept)
+  with pytest.raises(ValueError, match=r"config.input.tag_drop"):
+    ops_mvp.get_drop_tags(1.5)
