@@ -72,6 +72,9 @@ FIELDS: dict[str, tuple[Any, str]] = {
                                 "that a scene word is replaced by a distractor"),
     "mae_mask_ratio": (0.75, "knob {mae_mask_ratio}: MAE's masked-patch fraction (also read by "
                        "synthetic input when the mae objective is on)"),
+    # MVP's object tags.
+    "tag_drop": (0.0, "knob {tag_drop}: probability that a training image's tags are dropped "
+                 "(MVP's drop_tags: it trains from its patches alone)"),
     "field_map": ({}, "tfds: common key -> feature path"),
     "path_strip": (0, "json: leading image-path components to drop"),
     "mixture": ((), "mixture: list of dicts {weight, source, ...source fields}"),

@@ -111,3 +111,15 @@ def test_every_method_has_a_config_or_a_reason_for_every_task(task):
         grounding.check_gradcam_setting(vlp.build_config(config.model), *grounding.gradcam_setting(config.eval))
   if task == "nlvr2":
     assert isinstance(made["mamo"], str) and "merged" in mvp
+
+
+def test_pretraining_budget_covers_every_stage():
+  """`--steps` is the whole pretraining of every method: VLMixer's image warm-up and main stage
+  shrink together (they ran 100 + 300 = 400 steps under a budget of 200 before)."""
+  config = compare.pretrain_config("vlmixer", "demo", steps=200, batch=0, seed=0, overrides={})
+  assert config.total_steps == 200
+  assert [(s["name"], s["steps"]) for s in config.stages] == [("image_warmup", 50), ("vlmixer", 150)]
+  config = compare.pretrain_config("vlmixer", "demo", steps=3, batch=0, seed=0, overrides={})
+  assert [s["steps"] for s in config.stages] == [1, 2]
+  with pytest.raises(ValueError, match="--steps=1 cannot cover the config's 2 stages"):
+    compare.pretrain_config("vlmixer", "demo", steps=1, batch=0, seed=0, overrides={})

@@ -88,6 +88,7 @@ def pretrain_config(method: str, size: str, *, steps: int, batch: int, seed: int
   config = config_lib.load_config(f"configs/{method}.py:{size}")
   with config.unlocked():
     if steps:
+      _scale_stages(config, steps)
       config.total_steps = steps
     if batch:
       config.batch_size = batch
@@ -98,6 +99,23 @@ def pretrain_config(method: str, size: str, *, steps: int, batch: int, seed: int
   for path, value in overrides.items():
     _set(config, path, value)
   return config
+
+
+def _scale_stages(config: ml_collections.ConfigDict, steps: int) -> None:
+  """A staged pretraining (VLMixer's image warm-up, MVP's curriculum) gets `steps` in all: each
+  stage keeps its share of the config's total (at least 1 step), the last takes the rest."""
+  stages = config.get("stages") or ()
+  if not stages:
+    return
+  total = sum(int(s["steps"]) for s in stages)
+  if steps < len(stages):
+    raise ValueError(f"--steps={steps} cannot cover the config's {len(stages)} stages")
+  done = 0
+  for i, stage in enumerate(stages):
+    left = len(stages) - i - 1
+    share = steps - done if not left else min(max(1, round(int(stage["steps"]) * steps / total)), steps - done - left)
+    stage["steps"] = share
+    done += share
 
 
 def downstream_config(method: str, task: Task, size: str, export: str, *, steps: int, batch: int,
