@@ -113,7 +113,7 @@ def test_every_method_has_a_config_or_a_reason_for_every_task(task):
     assert isinstance(made["mamo"], str) and "merged" in mvp
 
 
-def test_pretraining_budget_covers_every_stage():
+def test_pretraining_budget_covers_every_stage_and_the_last_stage_is_exported():
   """`--steps` is the whole pretraining of every method: VLMixer's image warm-up and main stage
   shrink together (they ran 100 + 300 = 400 steps under a budget of 200 before)."""
   config = compare.pretrain_config("vlmixer", "demo", steps=200, batch=0, seed=0, overrides={})
@@ -123,3 +123,5 @@ def test_pretraining_budget_covers_every_stage():
   assert [s["steps"] for s in config.stages] == [1, 2]
   with pytest.raises(ValueError, match="--steps=1 cannot cover the config's 2 stages"):
     compare.pretrain_config("vlmixer", "demo", steps=1, batch=0, seed=0, overrides={})
+  assert compare.export_name(config) == "vlmixer"   # plain-dict stages (failed on `.name` before)
+  assert compare.export_name(compare.pretrain_config("albef", "tiny", steps=2, batch=0, seed=0, overrides={})) == "pretrain"

@@ -212,6 +212,13 @@ def pretrain_cost(config) -> dict:
   return {"gflops_per_img": total / batch / 1e9}
 
 
+def export_name(config) -> str:
+  """The export a pretraining leaves for its tasks: its last stage's (stages are ConfigDicts or
+  plain dicts, e.g. VLMixer's), or 'pretrain'."""
+  stages = config.get("stages") or ()
+  return str(stages[-1]["name"]) if stages else "pretrain"
+
+
 def run_pretrain(root: str, cell: Cell, config) -> dict:
   from vlpjax import metrics as metrics_lib, train
   start = time.time()
@@ -222,8 +229,7 @@ def run_pretrain(root: str, cell: Cell, config) -> dict:
   img_s = scalars.get("perf/img_per_sec", {})
   result = dict(status="done", step=out.get("step"), wall_s=time.time() - start,
                 img_per_sec=_mean_after_first(img_s),
-                export=os.path.join(cell.workdir(root), "export", config.stages[-1].name if config.get("stages")
-                                    else "pretrain"),
+                export=os.path.join(cell.workdir(root), "export", export_name(config)),
                 config=_jsonable(config))
   result.update(pretrain_cost(config))
   return result
