@@ -37,7 +37,7 @@ from configs import finetune_retrieval
 from configs import finetune_snli_ve
 from configs import finetune_vqa
 from configs import mvp
-from input_pipeline import inputs
+from input_pipeline import demo_tasks, inputs
 
 TASKS = ("retrieval", "vqa", "snli_ve")
 KINDS = {"retrieval": "mvp", "vqa": "mvp_vqa", "snli_ve": "mvp_ve"}
@@ -67,7 +67,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.heads = ()
     config.model.vqa_mode = "classify"
     config.model.answer_layers = 0
-    config.model.num_answers = 3129
+    # VQA v2's 3,129 answers; the demo's generated answers (demo_tasks.vqa_answers) at demo sizes.
+    config.model.num_answers = len(demo_tasks.vqa_answers()) if size else 3129
     config.objectives = dict(vqa_cls=dict(weight=1.0))
   elif task == "snli_ve":
     config.model.heads = ()

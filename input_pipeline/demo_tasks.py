@@ -147,6 +147,12 @@ def _vqa_question(kind: str, objects, rng, yes: bool):
 
 
 _VQA_KINDS = ("color", "shape", "count", "exists", "size")
+
+
+def vqa_answers() -> list[str]:
+  """Every answer `_vqa_question` can give, sorted: the demo VQA's `answer_list.json` (a
+  classifier head over the answers, e.g. MVP's, sizes itself by it before the data exists)."""
+  return sorted(set(_COLORS) | set(_SHAPES) | {"1", "2", "3"} | {"yes", "no"} | set(_SIZES))
 _VQA_QUESTIONS_PER_IMAGE = 2
 
 

@@ -460,6 +460,7 @@ def test_demo_texts_tokenize_losslessly(demo_root):
     assert tokenizer.decode(ids) == texts
   with open(os.path.join(demo_root, "vqa-tiny", "answer_list.json")) as f:
     answers = json.load(f)
+  assert answers == demo_tasks.vqa_answers()   # configs size classifier heads by it
   ids, _ = tokenizer.encode(answers, 6, append_sep=True)
   assert tokenizer.decode(ids) == answers and (ids == SEP).sum(1).tolist() == [1] * len(answers)
 
