@@ -70,6 +70,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # VQA v2's 3,129 answers; the demo's generated answers (demo_tasks.vqa_answers) at demo sizes.
     config.model.num_answers = len(demo_tasks.vqa_answers()) if size else 3129
     config.objectives = dict(vqa_cls=dict(weight=1.0))
+    # The classifier's targets over the evaluator's answer list (`config.input.answer_list`, or the
+    # demo's), after the format's ops.
+    config.input.extra_pp = ("answer_scores(answer_list={answer_list!r}, source={source!r}, "
+                             "demo_config={demo_config!r}, data_dir={data_dir!r})")
   elif task == "snli_ve":
     config.model.heads = ()
     config.model.num_classes = 3

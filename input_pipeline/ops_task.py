@@ -1,7 +1,7 @@
 """tf.data ops of the downstream task formats (`input_pipeline.tasks`): VQA answer targets, a
 chain of image ops on each image of a pair (NLVR2), class labels from names, RefCOCO+ boxes.
 
-Registered ops: tokenize_answers, each_image, class_label, normalize_boxes, pad_boxes.
+Registered ops: tokenize_answers, answer_scores, each_image, class_label, normalize_boxes, pad_boxes.
 """
 from typing import Sequence
 
@@ -40,6 +40,38 @@ def tokenize_answers(max_answers: int, max_len: int, kind: str = "sentencepiece"
     mask.set_shape([max_answers, max_len])
     weights.set_shape([max_answers])
     return {**example, f"{out}_ids": ids, f"{out}_mask": mask, f"{out}_weight": weights}
+
+  return fn
+
+
+@registry.register("answer_scores")
+def answer_scores(answer_list: str = "", source: str = "", demo_config: str = "default", data_dir: str = "",
+                  annotators: int = 10, key: str = "answers", weight_key: str = "answer_weights",
+                  out: str = "answer_scores"):
+  """VQA soft scores over a fixed answer vocabulary: the target of a classifier head (VinVL / MVP).
+
+  The vocabulary is `tasks.load_answer_list` of (`answer_list`, `source`, `demo_config`,
+  `data_dir`), the list the VQA evaluator scores with, in its order. `example[key]` string [k]
+  (distinct answers) and `example[weight_key]` float [k] (the fraction of annotators who gave
+  each) become `example[out]` float32 [C]: min(1, weight * annotators / 3), VQA's soft score
+  min(1, count / 3), at each answer's index; answers outside the vocabulary score nothing.
+  """
+  from input_pipeline import tasks  # pylint: disable=import-outside-toplevel  (tasks imports the ops)
+  vocabulary = tasks.load_answer_list(dict(answer_list=answer_list, source=source, demo_config=demo_config,
+                                           data_dir=data_dir))
+  size = len(vocabulary)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(vocabulary), tf.range(size, dtype=tf.int64)), -1)
+
+  def fn(example):
+    answers = ops_text._get_strings(example, key, "answer_scores")
+    weights = tf.cast(example[weight_key], tf.float32)
+    index = table.lookup(answers)
+    known = index >= 0
+    scores = tf.minimum(1.0, weights * (annotators / 3.0))
+    target = tf.scatter_nd(tf.boolean_mask(index, known)[:, None], tf.boolean_mask(scores, known), [size])
+    target.set_shape([size])
+    return {**example, out: target}
 
   return fn
 

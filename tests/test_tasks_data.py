@@ -188,6 +188,26 @@ def test_tokenize_answers_alone_and_in_map():
   assert not none["answer_ids"].any() and not none["answer_weight"].any()
 
 
+def test_answer_scores_match_a_loop_over_the_answer_list(tmp_path):
+  vocabulary = ["yes", "no", "2", "red", "blue"]
+  path = _write_json(tmp_path / "answers.json", vocabulary)
+  op = registry.get_op(f"answer_scores(answer_list={str(path)!r})")
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    given = list(rng.choice(vocabulary + ["zebra", "maybe"], size=rng.integers(0, 5), replace=False))
+    weights = rng.uniform(0.05, 0.6, len(given)).astype(np.float32)
+    example = {"answers": tf.constant(given, tf.string), "answer_weights": tf.constant(weights)}
+    want = np.zeros(len(vocabulary), np.float32)
+    for answer, weight in zip(given, weights):   # VQA's soft score min(1, count / 3), count = 10 * weight
+      if answer in vocabulary:
+        want[vocabulary.index(answer)] = min(1.0, 10 * weight / 3)
+    for out in (op(dict(example)), _map(op, example)):
+      np.testing.assert_allclose(out["answer_scores"], want, rtol=1e-6)
+  demo = registry.get_op("answer_scores(source='demo', demo_config='tiny')")(dict(
+      answers=tf.constant(["red"]), answer_weights=tf.constant([1.0])))["answer_scores"]
+  assert demo.shape == (len(demo_tasks.vqa_answers()),) and float(demo[demo_tasks.vqa_answers().index("red")]) == 1.0
+
+
 def test_each_image_decodes_both_with_independent_seeds():
   data = _png(3, size=(12, 20))
   example = _seeded({"image0": tf.constant(data), "image1": tf.constant(data)})
