@@ -46,7 +46,7 @@ Batches (leading axis B; text `[CLS] tokens`, padded with 0; masks int32 1/0):
                xmax) in [0, 1] of the image
   Eval batches of every task add `index` and `valid`.
 
-The task ops (tokenize_answers, each_image, class_label, normalize_boxes, pad_boxes) live in
+The task ops (tokenize_answers, answer_scores, each_image, class_label, normalize_boxes, pad_boxes) live in
 `input_pipeline.ops_task`.
 """
 import collections
