@@ -3,6 +3,7 @@ chain of image ops on each image of a pair (NLVR2), class labels from names, Ref
 
 Registered ops: tokenize_answers, answer_scores, each_image, class_label, normalize_boxes, pad_boxes.
 """
+import json
 from typing import Sequence
 
 import tensorflow as tf
@@ -50,15 +51,24 @@ def answer_scores(answer_list: str = "", source: str = "", demo_config: str = "d
                   out: str = "answer_scores"):
   """VQA soft scores over a fixed answer vocabulary: the target of a classifier head (VinVL / MVP).
 
-  The vocabulary is `tasks.load_answer_list` of (`answer_list`, `source`, `demo_config`,
-  `data_dir`), the list the VQA evaluator scores with, in its order. `example[key]` string [k]
+  The vocabulary is the list the VQA evaluator scores with, in its order: the JSON list at
+  `answer_list` (`config.input.answer_list`), or with `source='demo'` the demo's answer list
+  (`demo_tasks`, built if needed). Real data needs `answer_list`: a classifier's vocabulary is
+  fixed before training. `example[key]` string [k]
   (distinct answers) and `example[weight_key]` float [k] (the fraction of annotators who gave
   each) become `example[out]` float32 [C]: min(1, weight * annotators / 3), VQA's soft score
   min(1, count / 3), at each answer's index; answers outside the vocabulary score nothing.
   """
-  from input_pipeline import tasks  # pylint: disable=import-outside-toplevel  (tasks imports the ops)
-  vocabulary = tasks.load_answer_list(dict(answer_list=answer_list, source=source, demo_config=demo_config,
-                                           data_dir=data_dir))
+  if not answer_list and source == "demo":
+    from input_pipeline import demo_tasks  # pylint: disable=import-outside-toplevel  (PIL, numpy)
+    answer_list = demo_tasks.answer_list_file(demo_tasks.build_demo_task("vqa", demo_config, root=data_dir or None))
+  if not answer_list:
+    raise ValueError("answer_scores: the classifier's answer vocabulary needs config.input.answer_list (a JSON "
+                     "list of answers) on non-demo data")
+  with open(answer_list) as f:
+    vocabulary = json.load(f)
+  if not isinstance(vocabulary, list) or not all(isinstance(a, str) and a.strip() for a in vocabulary):
+    raise ValueError(f"answer_scores: {answer_list} must hold a JSON list of non-empty strings")
   size = len(vocabulary)
   table = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(tf.constant(vocabulary), tf.range(size, dtype=tf.int64)), -1)

@@ -206,6 +206,8 @@ def test_answer_scores_match_a_loop_over_the_answer_list(tmp_path):
   demo = registry.get_op("answer_scores(source='demo', demo_config='tiny')")(dict(
       answers=tf.constant(["red"]), answer_weights=tf.constant([1.0])))["answer_scores"]
   assert demo.shape == (len(demo_tasks.vqa_answers()),) and float(demo[demo_tasks.vqa_answers().index("red")]) == 1.0
+  with pytest.raises(ValueError, match="config.input.answer_list"):
+    registry.get_op("answer_scores(source='json')")
 
 
 def test_each_image_decodes_both_with_independent_seeds():
