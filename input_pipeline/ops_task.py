@@ -3,7 +3,6 @@ chain of image ops on each image of a pair (NLVR2), class labels from names, Ref
 
 Registered ops: tokenize_answers, answer_scores, each_image, class_label, normalize_boxes, pad_boxes.
 """
-import json
 from typing import Sequence
 
 import tensorflow as tf
@@ -11,6 +10,7 @@ import tensorflow as tf
 from input_pipeline import ops_image  # noqa: F401  registers the image ops `each_image` chains
 from input_pipeline import ops_text
 from input_pipeline import registry
+from input_pipeline import sources
 
 _SALT_EACH_IMAGE = 1000  # + image slot: the seed of each image of `each_image`
 
@@ -65,10 +65,7 @@ def answer_scores(answer_list: str = "", source: str = "", demo_config: str = "d
   if not answer_list:
     raise ValueError("answer_scores: the classifier's answer vocabulary needs config.input.answer_list (a JSON "
                      "list of answers) on non-demo data")
-  with open(answer_list) as f:
-    vocabulary = json.load(f)
-  if not isinstance(vocabulary, list) or not all(isinstance(a, str) and a.strip() for a in vocabulary):
-    raise ValueError(f"answer_scores: {answer_list} must hold a JSON list of non-empty strings")
+  vocabulary = sources.read_answer_list(answer_list)
   size = len(vocabulary)
   table = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(tf.constant(vocabulary), tf.range(size, dtype=tf.int64)), -1)

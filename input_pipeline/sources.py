@@ -224,6 +224,17 @@ def _is_text_list(value) -> bool:
   return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def read_answer_list(path: str) -> list[str]:
+  """A VQA answer list: a JSON list of non-empty strings (the classifier / ranking vocabulary)."""
+  answers = _read_json(path)
+  if not isinstance(answers, list):
+    raise ValueError(f"answer list {path} must hold a JSON list of strings")
+  bad = [i for i, a in enumerate(answers) if not isinstance(a, str) or not a.strip()]
+  if bad:
+    raise ValueError(f"answer list {path}: entry {bad[0]} is not a non-empty string")
+  return list(answers)
+
+
 def _read_json(path: str):
   try:
     with open(path, "rb") as f:

@@ -640,11 +640,7 @@ def load_answer_list(cfg) -> list[str]:
     path = demo_tasks.answer_list_file(demo_tasks.build_demo_task(
         "vqa", _get(cfg, "demo_config"), root=_get(cfg, "data_dir") or None))
   if path:
-    answers = sources._read_json(path)
-    bad = [i for i, a in enumerate(answers) if not isinstance(a, str) or not a.strip()]
-    if bad:
-      raise ValueError(f"answer list {path}: entry {bad[0]} is not a non-empty string")
-    return list(answers)
+    return sources.read_answer_list(path)
   records, _ = _load(cfg, _get(cfg, "split"), train=True, check_files=False)
   counts = collections.Counter(a for r in records.rows for a in r["raw_answers"]
                                if a.strip() and sources._is_utf8(a))

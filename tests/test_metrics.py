@@ -1,12 +1,10 @@
 """Tests for vlpjax.metrics: event files, the progress line, overviews and the NaN guard."""
 import glob
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlpjax import metrics
@@ -14,12 +12,8 @@ from vlpjax import metrics
 
 def _read_scalars(directory) -> dict[tuple[str, int], float]:
   """{(tag, step): value} from every TensorBoard event file directly in `directory`."""
-  scalars = {}
-  for path in glob.glob(os.path.join(directory, "events.out.tfevents*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        scalars[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
-  return scalars
+  return {(tag, step): value for tag, steps in metrics.read_scalars(directory, recursive=False).items()
+          for step, value in steps.items()}
 
 
 def test_scalars_land_in_an_event_file_in_the_workdir(tmp_path):

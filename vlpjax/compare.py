@@ -25,7 +25,6 @@ GFLOPs/img, img/s and wall time; with `--seeds=N` each number is the mean ± the
 max - min) over the seeds. Demo numbers show the pipeline, not a ranking of methods on real data.
 """
 import dataclasses
-import glob
 import json
 import math
 import os
