@@ -5,15 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlpjax import config_lib, metrics as metrics_lib, sharding, state as state_lib, step as step_lib, synthetic, train
+import tiny_runs
+from vlpjax import sharding, state as state_lib, step as step_lib, synthetic, train
 from vlpjax.models import vlp
 from vlpjax.objectives import registry
 
 
 def _tiny():
-  config = config_lib.load_config("configs/mamo.py:tiny")
-  config.input.synthetic = True
-  return config
+  return tiny_runs.config("configs/mamo.py:tiny", synthetic=True)
 
 
 def test_gradients_reach_student_never_teacher():
@@ -50,6 +49,6 @@ def test_tiny_run_on_8_devices_logs_each_term(tmp_path):
   config.sharding.mesh = dict(data=8)
   config.eval.every_steps = 0
   train.train_and_evaluate(config, str(tmp_path))
-  tags = set(metrics_lib.read_scalars(tmp_path))
+  tags = tiny_runs.tags(tmp_path)
   for term in ("itc", "itm", "mlm", "mrm", "mim"):
     assert f"train/{term}/loss" in tags, (term, sorted(tags))

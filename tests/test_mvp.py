@@ -8,21 +8,15 @@ import jax
 import numpy as np
 import pytest
 
+import tiny_runs
 from configs import mvp
-from vlpjax import checkpoint, config_lib, metrics as metrics_lib, train
+from vlpjax import checkpoint, config_lib, train
 
 LOSSES = ("vsc", "mcr", "itm", "mlm", "wpg")
 
 
 def _config(arg="tiny"):
-  config = mvp.get_config(arg)
-  config.sharding.mesh = dict(data=8)
-  config.eval.every_steps = 0
-  return config
-
-
-def _scalars(workdir, tag):
-  return metrics_lib.read_scalars(workdir).get(tag, {})
+  return tiny_runs.config(f"configs/mvp.py:{arg}", mesh=dict(data=8), eval_every=0)
 
 
 def test_tiny_trains_on_8_devices_logs_each_loss_and_keeps_no_teacher(tmp_path):
@@ -33,7 +27,7 @@ def test_tiny_trains_on_8_devices_logs_each_loss_and_keeps_no_teacher(tmp_path):
   assert out["step"] == 2
   for name in LOSSES:
     assert np.isfinite(out[f"train/{name}/loss"]), name
-    assert sorted(_scalars(workdir, f"train/{name}/loss")) == [1, 2], name
+    assert sorted(tiny_runs.scalars(workdir, f"train/{name}/loss")) == [1, 2], name
   assert out["train/wpg/with_phrases"] > 0.5  # the demo captions have phrases
   assert out["train/mcr/tags_masked"] > 0
   np.testing.assert_allclose(out["train/vsc/logit_scale"], 1 / 0.07, rtol=0.05)
@@ -54,14 +48,14 @@ def test_curriculum_switches_objectives_at_the_step_and_resumes_across_it(tmp_pa
   straight = str(tmp_path / "straight")
   train.train_and_evaluate(_config("tiny,steps=4,curriculum=2"), straight)
   for name in ("vsc", "mcr"):
-    assert sorted(_scalars(straight, f"train/{name}/loss")) == [1, 2, 3, 4], name
+    assert sorted(tiny_runs.scalars(straight, f"train/{name}/loss")) == [1, 2, 3, 4], name
   for name in ("itm", "mlm", "wpg"):
-    assert sorted(_scalars(straight, f"train/{name}/loss")) == [3, 4], name
+    assert sorted(tiny_runs.scalars(straight, f"train/{name}/loss")) == [3, 4], name
   assert os.path.isdir(checkpoint.export_dir(straight, "unimodal"))
   resumed = str(tmp_path / "resumed")
   train.train_and_evaluate(_config("tiny,steps=4,curriculum=2"), resumed, stop_after=1)
   train.train_and_evaluate(_config("tiny,steps=4,curriculum=2"), resumed)
-  want, got = _scalars(straight, "train/loss"), _scalars(resumed, "train/loss")
+  want, got = tiny_runs.scalars(straight, "train/loss"), tiny_runs.scalars(resumed, "train/loss")
   assert sorted(got) == [1, 2, 3, 4]
   for step in (2, 3, 4):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_runs
 from configs import albef
 from vlpjax import checkpoint, config_lib, train
 from vlpjax.models import heads, layers
@@ -63,11 +64,8 @@ def toy_contrast_loss(ctx, batch):
 
 
 def _tiny(steps=3):
-  config = albef.get_config(f"tiny,steps={steps}")
-  config.input.synthetic = True
-  config.eval.every_steps = 0
-  config.checkpoint.every_steps = 0
-  return config
+  return tiny_runs.config(f"configs/albef.py:tiny,steps={steps}", synthetic=True, eval_every=0,
+                          checkpoint_every=0)
 
 
 def test_toy_objective_with_own_head_and_queue_trains_on_8_devices(tmp_path):

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_runs
 from configs import albef, mamo
-from vlpjax import checkpoint, metrics as metrics_lib, train
+from vlpjax import checkpoint, train
 from vlpjax.objectives import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,10 +32,6 @@ def _main_cmd(workdir, *flags, config=f"configs/albef.py:tiny,steps={STEPS}"):
 
 SYNTHETIC = ("--config.input.synthetic=True", "--config.eval.every_steps=0", "--config.checkpoint.every_steps=0",
              "--config.log_every_steps=1")
-
-
-def _scalars(workdir, tag):
-  return metrics_lib.read_scalars(workdir).get(tag, {})
 
 
 def _interrupt(workdir, signum) -> tuple[int, str, float]:
@@ -61,7 +58,7 @@ def uninterrupted(tmp_path_factory):
   result = subprocess.run(_main_cmd(workdir, *SYNTHETIC), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  return _scalars(workdir, "train/loss")
+  return tiny_runs.scalars(workdir, "train/loss")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -79,7 +76,7 @@ def test_signal_writes_checkpoint_and_resume_matches(tmp_path, uninterrupted, si
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from" in result.stderr and f"at step {stopped_at}" in result.stderr
-  resumed = _scalars(workdir, "train/loss")
+  resumed = tiny_runs.scalars(workdir, "train/loss")
   assert sorted(resumed) == sorted(uninterrupted) == list(range(1, STEPS + 1))
   for step in range(1, STEPS + 1):
     np.testing.assert_allclose(resumed[step], uninterrupted[step], rtol=1e-5, err_msg=f"step {step}")

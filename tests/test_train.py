@@ -5,21 +5,14 @@ import jax
 import numpy as np
 import pytest
 
+import tiny_runs
 from configs import albef
-from vlpjax import checkpoint, metrics as metrics_lib, train
+from vlpjax import checkpoint, train
 
 
 def _synthetic_tiny(steps=4):
-  config = albef.get_config("tiny")
-  config.input.synthetic = True
-  config.total_steps = steps
-  config.checkpoint.every_steps = 2
-  config.eval.every_steps = 0
-  return config
-
-
-def _scalars(workdir, tag):
-  return metrics_lib.read_scalars(workdir).get(tag, {})
+  return tiny_runs.config(f"configs/albef.py:tiny,steps={steps}", synthetic=True, eval_every=0,
+                          checkpoint_every=2)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -29,13 +22,13 @@ def test_resume_matches_uninterrupted_run(tmp_path):
   train.train_and_evaluate(_synthetic_tiny(), interrupted, stop_after=2)
   assert checkpoint.Checkpointer(checkpoint.checkpoint_dir(interrupted)).latest_step() == 2
   train.train_and_evaluate(_synthetic_tiny(), interrupted)
-  want = _scalars(straight, "train/loss")
-  got = _scalars(interrupted, "train/loss")
+  want = tiny_runs.scalars(straight, "train/loss")
+  got = tiny_runs.scalars(interrupted, "train/loss")
   assert sorted(want) == [1, 2, 3, 4] and sorted(got) == [1, 2, 3, 4]
   for step in (3, 4):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
   for term in ("train/itc/loss", "train/itm/loss", "train/mlm/loss", "train/learning_rate"):
-    assert _scalars(straight, term), term
+    assert tiny_runs.scalars(straight, term), term
   a = checkpoint.load_params(checkpoint.export_dir(straight, "pretrain"))
   b = checkpoint.load_params(checkpoint.export_dir(interrupted, "pretrain"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -91,11 +84,11 @@ def test_resume_on_demo_data_sees_the_same_batches(tmp_path, monkeypatch, device
   meta = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path / "resumed"))).read_meta()
   assert meta["data"]["data_position"] == 16  # one batch of 16 consumed, none skipped
   train.train_and_evaluate(config(), str(tmp_path / "resumed"))
-  want = _scalars(str(tmp_path / "straight"), "train/loss")
-  got = _scalars(str(tmp_path / "resumed"), "train/loss")
+  want = tiny_runs.scalars(str(tmp_path / "straight"), "train/loss")
+  got = tiny_runs.scalars(str(tmp_path / "resumed"), "train/loss")
   for step in (2, 3):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
-  assert _scalars(str(tmp_path / "straight"), "train/data_skipped")
+  assert tiny_runs.scalars(str(tmp_path / "straight"), "train/data_skipped")
 
 
 def test_stage_with_its_own_input_reads_its_own_stream_and_resumes(tmp_path, monkeypatch):
@@ -126,8 +119,8 @@ def test_stage_with_its_own_input_reads_its_own_stream_and_resumes(tmp_path, mon
   train.train_and_evaluate(config(), str(tmp_path / "resumed"))
   # The resumed run continues stage b's stream after its first batch, without replaying it.
   assert calls == [(other_pp, 0, None), (base_pp, 0, None), (base_pp, 1, 16)]
-  want = _scalars(str(tmp_path / "straight"), "train/loss")
-  got = _scalars(str(tmp_path / "resumed"), "train/loss")
+  want = tiny_runs.scalars(str(tmp_path / "straight"), "train/loss")
+  got = tiny_runs.scalars(str(tmp_path / "resumed"), "train/loss")
   np.testing.assert_allclose(got[4], want[4], rtol=1e-5)
 
 

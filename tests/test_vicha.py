@@ -7,24 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlpjax import config_lib, metrics as metrics_lib, sharding, state as state_lib, step as step_lib, synthetic, train
+import tiny_runs
+from vlpjax import config_lib, sharding, state as state_lib, step as step_lib, synthetic, train
 from vlpjax.models import vlp
 from vlpjax.objectives import registry
 
 
-def _tags(workdir):
-  return set(metrics_lib.read_scalars(workdir))
-
-
 def test_tiny_run_on_8_devices_logs_each_term_and_evaluates_with_concepts(tmp_path, monkeypatch):
   monkeypatch.setenv("VLPJAX_DATA_DIR", str(tmp_path / "data"))
-  config = config_lib.load_config("configs/vicha.py:tiny,steps=2")
-  config.sharding.mesh = dict(data=8)
-  config.eval.every_steps = 2
-  config.checkpoint.every_steps = 0
+  config = tiny_runs.config("configs/vicha.py:tiny,steps=2", mesh=dict(data=8), eval_every=2, checkpoint_every=0)
   out = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert out["step"] == 2
-  tags = _tags(str(tmp_path / "run"))
+  tags = tiny_runs.tags(str(tmp_path / "run"))
   for term in ("itc", "hitc", "itm", "mlm", "mae"):
     assert f"train/{term}/loss" in tags, (term, sorted(tags))
     assert np.isfinite(out[f"train/{term}/loss"]), term

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from vlpjax import config_lib, metrics as metrics_lib, sharding, state as state_lib, synthetic, train
+import tiny_runs
+from vlpjax import config_lib, sharding, state as state_lib, synthetic, train
 from vlpjax.evaluators import retrieval
 from vlpjax.models import mixer, vit, vlp
 from vlpjax.objectives import cmc, context, gallery, registry
@@ -381,12 +382,9 @@ def test_retrieval_methods_score_image_sentences():
 def test_tiny_config_trains_on_8_devices_and_logs_each_term(tmp_path, tmp_path_factory, monkeypatch):
   # The tiny demo data of tests/test_vlmixer_data.py when it ran first in this session.
   monkeypatch.setenv("VLPJAX_DATA_DIR", str(tmp_path_factory.getbasetemp() / "demo_data"))
-  config = config_lib.load_config("configs/vlmixer.py:tiny")
-  config.sharding.mesh = dict(data=8)
-  config.total_steps = 2
-  config.checkpoint.every_steps = 0
+  config = tiny_runs.config("configs/vlmixer.py:tiny,steps=2", mesh=dict(data=8), checkpoint_every=0)
   out = train.train_and_evaluate(config, str(tmp_path))
-  tags = set(metrics_lib.read_scalars(tmp_path))
+  tags = tiny_runs.tags(tmp_path)
   for term in ("cmcl", "mixed_mlm", "tag_mlm", "tag_match", "tag_contrast", "gallery"):
     assert f"train/{term}/loss" in tags, (term, sorted(tags))
   for stream in ("text", "image"):
