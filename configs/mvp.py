@@ -39,7 +39,9 @@ patches. A run without tags at all (and no mcr) reaches 27.8 from the patches, a
 
 Arguments (`configs/common.py`): `tiny`, `demo`, `steps=N`, `batch=N`, `res=N`, and
 `phrases=N` (phrase rows of the table: the size of your phrase vocabulary), `curriculum=N` (the
-`stages` option: vsc + mcr only for the first N steps, then every loss).
+`stages` option: vsc + mcr only for the first N steps, then every loss). The ablations of the
+second visual level: `mcr=0` keeps the tags (unmasked) but drops mcr and its head; `tags=0` drops
+the tags, their ops and mcr (the image is its patches alone).
 """
 import ml_collections
 
@@ -55,17 +57,21 @@ MAX_TAGS = 20  # tokens of `[CLS] tags [SEP]`
 DEMO_MIN_SENTENCES = {"tiny": 5, "default": 50}
 
 
-def caption_ops(*, concepts: str, word_vocab: int, phrases: int, tag_len: int, masked: bool) -> str:
-  """The caption and tag ops after `choose_caption`, for training (masked) or fine-tuning."""
+def caption_ops(*, concepts: str, word_vocab: int, phrases: int, tag_len: int, masked: bool, tags: bool = True,
+                tag_mask: bool = True) -> str:
+  """The caption and tag ops after `choose_caption`, for training (masked) or fine-tuning; without
+  `tags` no tag ops (the model has no tag tokens), without `tag_mask` the tags stay unmasked."""
   ops = [f"mvp_concepts({concepts}, word_vocab={word_vocab}, phrase_vocab={phrases}, max_phrases={MAX_PHRASES})",
          "clean_caption({caption_max_words})", "tokenize({max_len})"]
   if masked:
     ops.append("mask_tokens({mlm_prob})")
   ops.append(f"mvp_text({MAX_PHRASES}, word_vocab={word_vocab}, phrase_vocab={phrases}, prob={{mlm_prob}})")
+  if not tags:
+    return "|".join(ops)
   if masked:
     ops.append("drop_tags({tag_drop})")
   ops.append(f"tokenize({tag_len}, key='tags', out='concept', append_sep=True)")
-  if masked:
+  if masked and tag_mask:
     ops.append("mask_tokens({mlm_prob}, key='concept')")
   return "|".join(ops)
 
@@ -95,7 +101,8 @@ def demo_concepts(size: str) -> str:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config, args = common.base_config(arg, phrases=0, curriculum=0)
+  config, args = common.base_config(arg, phrases=0, curriculum=0, tags=1, mcr=1)
+  args.mcr = int(args.mcr and args.tags)  # mcr recovers masked tags: no tags, no mcr
   size = args.size
   word_vocab = int(config.model.text.vocab_size)
   phrases = args.phrases or {"tiny": 256, "demo": 512}.get(size, MVPTR_PHRASES)
@@ -103,16 +110,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.model.kind = "mvp"
   config.model.fusion = "merged"
-  config.model.heads = ("vsc", "itm", "mlm", "mcr")
+  config.model.heads = ("vsc", "itm", "mlm", "mcr") if args.mcr else ("vsc", "itm", "mlm")
   config.model.embed_dim = int(config.model.text.width)  # MVPTR: txt_proj / vis_proj are D x D
   config.model.phrase_vocab_size = phrases
   config.model.fusion_tags = False
   # The released recipe embeds the tags as MVPTR does (the shared text embeddings); the demo
   # sizes, trained from scratch, use the shared word rows under the tags' own LayerNorm, without
   # which VSC does not learn (vlpjax/models/mvp.py TagTokens).
-  config.model.image_tokens = dict(kind="mvp_tags", token_type=1, embed="words" if size else "shared")
+  config.model.image_tokens = (dict(kind="mvp_tags", token_type=1, embed="words" if size else "shared")
+                               if args.tags else {})
   config.teacher = dict(momentum=0.0, alpha=0.0, alpha_ramp_steps=0)  # no EMA teacher: no ema_params
   config.objectives = mvp_objectives()
+  if not args.mcr:
+    del config.objectives["mcr"]
   config.input.mlm_prob = 0.15
   # [D] The demo drops half of the images' tags (`drop_tags`): with every image tagged, the
   # visual CLS reads the tags and the patches hardly learn (docs/methods/mvp.md, Demo). MVPTR
@@ -130,13 +140,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # ALBEF's pretraining image ops without the flip: phrases name left / right relations.
     image_ops = "decode_random_resized_crop({image_size}, scale=(0.2, 1.0))|randaug(2, 7)|normalize('clip')"
     config.input.pp = image_ops + "|choose_caption|" + caption_ops(
-        concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True)
+        concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True,
+        tags=bool(args.tags), tag_mask=bool(args.mcr))
     config.input.batch_pp = ""
     config.input.eval_text_pp = eval_text_ops(concepts, word_vocab, phrases)
   else:
     concepts = demo_concepts(size)
     config.input.pp = inputs.DEMO_IMAGE_PP + "|choose_caption|" + caption_ops(
-        concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True)
+        concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True,
+        tags=bool(args.tags), tag_mask=bool(args.mcr))
     config.input.batch_pp = ""
     config.input.eval_text_pp = eval_text_ops(concepts, word_vocab, phrases)
   if args.curriculum:
@@ -145,7 +157,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       raise ValueError(f"configs/mvp.py: curriculum={args.curriculum} must be in (0, total steps {total})")
     config.stages = [
         dict(name="unimodal", steps=args.curriculum,
-             objectives=dict(vsc=config.objectives.vsc.to_dict(), mcr=config.objectives.mcr.to_dict())),
+             objectives={k: config.objectives[k].to_dict() for k in ("vsc", "mcr") if k in config.objectives}),
         dict(name="joint", steps=total - args.curriculum)]
   return config
 

@@ -88,3 +88,21 @@ def test_full_recipe_is_the_released_one():
   assert set(config.objectives) == set(LOSSES)
   assert all(config.objectives[name].weight == 1.0 for name in LOSSES)
   assert "flip" not in config.input.pp and "mvp_text" in config.input.pp and "{annotations!r}" in config.input.pp
+
+
+@pytest.mark.parametrize("size", ["demo", ""])
+def test_ablation_arguments_drop_mcr_or_the_tags(size):
+  base = mvp.get_config(size)
+  assert "mcr" in base.objectives and "mcr" in base.model.heads and "key='tags'" in base.input.pp
+  no_mcr = mvp.get_config(f"{size},mcr=0".lstrip(","))
+  config_lib.validate(no_mcr)
+  assert set(no_mcr.objectives) == set(LOSSES) - {"mcr"} and "mcr" not in no_mcr.model.heads
+  assert no_mcr.model.image_tokens.kind == "mvp_tags"
+  assert "key='tags'" in no_mcr.input.pp and "key='concept')" not in no_mcr.input.pp  # tags kept, unmasked
+  no_tags = mvp.get_config(f"{size},tags=0".lstrip(","))
+  config_lib.validate(no_tags)
+  assert set(no_tags.objectives) == set(LOSSES) - {"mcr"} and "mcr" not in no_tags.model.heads
+  assert not no_tags.model.image_tokens and "tags" not in no_tags.input.pp
+  assert no_tags.input.pp == base.input.pp.split("|drop_tags(")[0]  # the caption ops unchanged
+  staged = mvp.get_config(f"{size},tags=0,curriculum=2".lstrip(","))
+  assert list(staged.stages[0]["objectives"]) == ["vsc"]
