@@ -5,6 +5,7 @@ import itertools
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from configs import mvp
 from vlpjax.evaluators import phrase_grounding as pg
@@ -50,6 +51,32 @@ def test_grounding_scores():
     assert pg.grounding_scores(sims, box, grid)[0] == (row < 2 and col < 2)
 
 
+def test_object_scores_match_a_loop():
+  grid = 4
+  rng = np.random.default_rng(1)
+  centres = [((r + 0.5) / grid, (c + 0.5) / grid) for r in range(grid) for c in range(grid)]
+  for _ in range(20):
+    corners = np.sort(rng.random((3, 2, 2)), axis=1)
+    scene = corners.reshape(3, 4)
+    described = scene[:1]
+    sims = rng.random(grid * grid)
+    chosen = centres[int(np.argmax(sims))]
+    inside = lambda p, boxes: any(b[0] <= p[0] <= b[2] and b[1] <= p[1] <= b[3] for b in boxes)
+    on_scene = [p for p in centres if inside(p, scene)]
+    want_chance = sum(inside(p, described) for p in on_scene) / max(len(on_scene), 1)
+    on_object, chance, area = pg.object_scores(sims, described, scene, grid)
+    assert on_object == inside(chosen, scene)
+    assert chance == pytest.approx(want_chance)
+    assert area == pytest.approx(len(on_scene) / grid**2)
+  # Two objects, the top-left and bottom-right quarters: choosing the other object is on an object
+  # but a miss; half of the object patches are the described one's.
+  scene = np.array([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+  sims = np.zeros(16)
+  sims[15] = 1.0
+  assert pg.object_scores(sims, scene[:1], scene, grid) == (True, 0.5, 0.5)
+  assert pg.grounding_scores(sims, scene[:1], grid) == (False, 4 / 16)
+
+
 def test_evaluation_runs_on_the_tiny_demo():
   config = mvp.get_config("tiny")
   model = vlp.build_model(config.model)
@@ -61,4 +88,15 @@ def test_evaluation_runs_on_the_tiny_demo():
   assert results["grounding/phrases"] > 5
   assert 0 < results["grounding/random_patch"] < 60
   assert 0 <= results["grounding/accuracy"] <= 100
-  assert "phrase grounding" in pg.format_results(results)
+  # A phrase's own patches are object patches, and the best fixed position does at least as well
+  # as a random one.
+  assert results["grounding/random_patch"] <= results["grounding/object_patch"] <= 100
+  assert results["grounding/random_patch"] <= results["grounding/best_fixed_patch"] <= 100
+  assert results["grounding/accuracy"] <= results["grounding/on_object"] <= 100
+  assert results["grounding/random_patch"] <= results["grounding/object_area"] <= 100
+  assert results["grounding/accuracy"] <= results["grounding/hit_given_on_object"] <= 100
+  assert "phrase grounding" in pg.format_results(results) and "best fixed patch" in pg.format_results(results)
+  grounding_only = pg.evaluate(config, model, params, num_images=8, batch_size=32, retrieval=False)
+  assert "patches/r_mean" not in grounding_only
+  assert grounding_only["grounding/accuracy"] == results["grounding/accuracy"]
+  assert "retrieval" not in pg.format_results(grounding_only)

@@ -19,6 +19,17 @@ scene that the phrase describes (its shape, and its colour / size when the phras
 Accuracy = hits / object phrases; the random-patch baseline is the expected accuracy of a
 uniformly drawn patch on the same phrases: the mean fraction of patch centres inside the
 described objects' boxes (exact, not sampled).
+
+Controls, for telling grounding from finding objects or a favourite position:
+- `on_object`: how often the chosen patch lies in any object of the scene (the described one or
+  another), against `object_area`, how often a random patch does;
+- `object_patch`: the expected accuracy of a patch drawn uniformly from those inside any object,
+  i.e. of a model that finds the objects but not which one the phrase names;
+- `best_fixed_patch`: the accuracy of always choosing the one patch position that is best on
+  these phrases (a model that ignores both phrase and image can reach it at best).
+A model that finds objects has `on_object` above `object_area`; it grounds the phrase where,
+among its choices on an object, the described one is more frequent than `object_patch` (and the
+accuracy beats `best_fixed_patch`), not just where it beats the random patch.
 """
 import json
 import re
@@ -81,6 +92,25 @@ def grounding_scores(similarities: np.ndarray, boxes: np.ndarray, grid: int) -> 
   return bool(inside[int(np.argmax(similarities))]), float(np.mean(inside))
 
 
+def object_scores(similarities: np.ndarray, boxes: np.ndarray, scene_boxes: np.ndarray,
+                  grid: int) -> tuple[bool, float, float]:
+  """(on an object, object-patch probability, object area) of one object phrase: whether the
+  chosen patch lies in the box of any object of the scene, the accuracy of a patch drawn
+  uniformly from the patches inside any object (0 when no patch centre is), and the fraction of
+  patches inside any object.
+
+  Args:
+    similarities: [grid * grid] cosine of the phrase with each patch.
+    boxes: [k, 4] the boxes of the objects the phrase describes.
+    scene_boxes: [n, 4] the boxes of every object of the scene.
+  """
+  centres = patch_centres(grid)
+  described = inside_any(centres, boxes)
+  on_object = inside_any(centres, scene_boxes) | described
+  return (bool(on_object[int(np.argmax(similarities))]), float(described.sum() / max(int(on_object.sum()), 1)),
+          float(np.mean(on_object)))
+
+
 # ----------------------------------------------------------------------------- the evaluation
 
 
@@ -98,12 +128,13 @@ def _cosines(model, params, images, concept_ids, concept_mask, text_ids, text_ma
   return jnp.einsum("bld,bpd->blp", layers.l2_normalize(fused["text_states"]), layers.l2_normalize(patches))
 
 
-def evaluate(config, model, params, *, num_images: int = 0, batch_size: int = 64) -> dict:
-  """Retrieval (patches / tags) and phrase grounding on the demo test split (module docstring)."""
+def evaluate(config, model, params, *, num_images: int = 0, batch_size: int = 64, retrieval: bool = True) -> dict:
+  """Retrieval (patches / tags; skipped without `retrieval`) and phrase grounding with its
+  controls on the demo test split (module docstring)."""
   import jax  # pylint: disable=import-outside-toplevel
   from input_pipeline import builder, object_labels, ops_mvp, ops_text  # pylint: disable=import-outside-toplevel
   from input_pipeline import demo_data  # pylint: disable=import-outside-toplevel
-  from vlpjax.evaluators import retrieval  # pylint: disable=import-outside-toplevel
+  from vlpjax.evaluators import retrieval as retrieval_lib  # pylint: disable=import-outside-toplevel
 
   cfg = config.input
   if cfg.source != "demo":
@@ -140,19 +171,21 @@ def evaluate(config, model, params, *, num_images: int = 0, batch_size: int = 64
     return np.concatenate([np.asarray(fn(params, *(a[s:s + batch_size] for a in arrays)))
                            for s in range(0, len(arrays[0]), batch_size)])
 
-  text_feat = batched(embed_text, data.text_ids, data.text_mask)
   results = {}
-  for name, image_feat in (("patches", batched(embed_plain, images)),
-                           ("tags", batched(embed_image, images, tag_ids, tag_mask))):
-    sims = image_feat @ text_feat.T
-    for key, value in retrieval.recall_at_k(sims, sims.T, data.txt2img, data.img2txt).items():
-      results[f"{name}/{key}"] = value
+  if retrieval:
+    text_feat = batched(embed_text, data.text_ids, data.text_mask)
+    for name, image_feat in (("patches", batched(embed_plain, images)),
+                             ("tags", batched(embed_image, images, tag_ids, tag_mask))):
+      sims = image_feat @ text_feat.T
+      for key, value in retrieval_lib.recall_at_k(sims, sims.T, data.txt2img, data.img2txt).items():
+        results[f"{name}/{key}"] = value
 
   # Phrase grounding: every caption of the first `limit` images with its own image.
   grid = config.model.vision.image_size // config.model.vision.patch_size
   cosines = jax.jit(lambda p, *a: _cosines(model, p, *a))
   captions = [t for t in range(data.num_texts) if data.txt2img[t] < limit]
   hits, chances, per_kind = [], [], {}
+  on_objects, object_chances, object_areas, inside_counts = [], [], [], np.zeros(grid * grid)
   for start in range(0, len(captions), batch_size):
     rows = np.asarray(captions[start:start + batch_size])
     owners = data.txt2img[rows]
@@ -161,19 +194,32 @@ def evaluate(config, model, params, *, num_images: int = 0, batch_size: int = 64
     phrase_mask = np.asarray(data.text_ids[rows] >= int(config.model.text.vocab_size))
     for k, (row, owner) in enumerate(zip(rows, owners)):
       objects = scenes[int(data.image_ids[owner])]["objects"]
+      scene_boxes = np.asarray([o["bbox"] for o in objects])
       for position in np.flatnonzero(phrase_mask[k]):
         phrase = id2phrase.get(int(data.text_ids[row, position]))
         chosen = described_objects(phrase or (), objects, tuple(demo_data.COLORS))
         if not chosen:
           continue
-        hit, chance = grounding_scores(sims[k, position], np.asarray([objects[i]["bbox"] for i in chosen]), grid)
+        boxes = np.asarray([objects[i]["bbox"] for i in chosen])
+        hit, chance = grounding_scores(sims[k, position], boxes, grid)
+        on_object, object_chance, object_area = object_scores(sims[k, position], boxes, scene_boxes, grid)
         hits.append(hit)
         chances.append(chance)
+        on_objects.append(on_object)
+        object_chances.append(object_chance)
+        object_areas.append(object_area)
+        inside_counts += inside_any(patch_centres(grid), boxes)
         kind = "object" if len(phrase) == 1 else "attribute"
         per_kind.setdefault(kind, []).append(hit)
   results["grounding/accuracy"] = 100.0 * float(np.mean(hits)) if hits else 0.0
   results["grounding/random_patch"] = 100.0 * float(np.mean(chances)) if chances else 0.0
   results["grounding/phrases"] = float(len(hits))
+  results["grounding/on_object"] = 100.0 * float(np.mean(on_objects)) if hits else 0.0
+  results["grounding/object_patch"] = 100.0 * float(np.mean(object_chances)) if hits else 0.0
+  results["grounding/object_area"] = 100.0 * float(np.mean(object_areas)) if hits else 0.0
+  # Among the choices on an object, how often the described one (against object_patch).
+  results["grounding/hit_given_on_object"] = 100.0 * float(np.sum(hits) / max(np.sum(on_objects), 1)) if hits else 0.0
+  results["grounding/best_fixed_patch"] = 100.0 * float(inside_counts.max() / len(hits)) if hits else 0.0
   for kind, values in per_kind.items():
     results[f"grounding/{kind}_accuracy"] = 100.0 * float(np.mean(values))
   return results
@@ -182,11 +228,17 @@ def evaluate(config, model, params, *, num_images: int = 0, batch_size: int = 64
 def format_results(results: dict) -> str:
   lines = []
   for name in ("patches", "tags"):
+    if f"{name}/r_mean" not in results:
+      continue
     lines.append(f"retrieval ({name}): " + "  ".join(
         f"{k}={results[f'{name}/{k}']:.2f}" for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10",
                                                       "r_mean")))
   lines.append(f"phrase grounding: {results['grounding/accuracy']:.1f}% of {int(results['grounding/phrases'])} "
                f"object phrases inside their object's box; random patch {results['grounding/random_patch']:.1f}%")
+  lines.append(f"controls: chosen patch on some object {results['grounding/on_object']:.1f}% (a random patch "
+               f"{results['grounding/object_area']:.1f}%); of those on the described object "
+               f"{results['grounding/hit_given_on_object']:.1f}% (a random object patch "
+               f"{results['grounding/object_patch']:.1f}%); best fixed patch {results['grounding/best_fixed_patch']:.1f}%")
   return "\n".join(lines)
 
 
@@ -198,7 +250,7 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   config = flags.FLAGS.config
   model, params, _ = evaluate_lib.restore_params(config, flags.FLAGS.checkpoint)
-  results = evaluate(config, model, params, num_images=flags.FLAGS.num_images)
+  results = evaluate(config, model, params, num_images=flags.FLAGS.num_images, retrieval=flags.FLAGS.retrieval)
   print(format_results(results))
   print(json.dumps({k: round(v, 3) for k, v in results.items()}))
   if flags.FLAGS.output:
@@ -213,5 +265,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", None, "Params export, train checkpoint or converted directory.")
   flags.DEFINE_integer("num_images", 0, "Ground the captions of the first N test images (0 = all).")
   flags.DEFINE_string("output", None, "Optional JSON results path.")
+  flags.DEFINE_bool("retrieval", True, "Also measure zero-shot retrieval (patches / tags).")
   flags.mark_flags_as_required(["config", "checkpoint"])
   app.run(main)
