@@ -91,7 +91,7 @@ def mvp_objectives() -> dict:
       itm=dict(weight=1.0, negatives="hardest", sims="vsc_sims", scope="local", text_encoding="corrupted_text",
                image_encoding="corrupted_image", positives="corrupted_fusion"),
       mlm=dict(weight=1.0, distill=False, fusion="corrupted_fusion"),
-      wpg=dict(weight=1.0, margin=0.2, top_k=3))
+      wpg=dict(weight=1.0, margin=0.2, top_k=3, negatives="pass"))  # "fused": [D], docs/methods/mvp.md
 
 
 def demo_concepts(size: str) -> str:

@@ -73,6 +73,10 @@ def test_config_checks_name_the_problem():
   with pytest.raises(ValueError, match="curriculum=9"):
     mvp.get_config("tiny,curriculum=9")
   config = mvp.get_config("tiny")
+  config.objectives.wpg.negatives = "fuse"
+  with pytest.raises(ValueError, match="'negatives' is 'fuse'"):
+    config_lib.validate(config)
+  config = mvp.get_config("tiny")
   config.objectives.itm.sims = "itc_sims"  # ALBEF's similarities need a teacher MVP does not have
   with pytest.raises(ValueError, match="reads the EMA teacher"):
     config_lib.validate(config)

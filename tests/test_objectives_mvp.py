@@ -170,15 +170,16 @@ def test_mcr_loss_without_masked_tags_is_zero():
 
 
 def reference_wpg(phrase_states, phrase_mask, patch_states, negative_index, positive_pick, negative_pick,
-                  margin=0.2, top_k=3):
-  """Loops over examples and phrases: cosines, sorted descending, the picked one, hinge."""
+                  margin=0.2, top_k=3, negative_states=None):
+  """Loops over examples and phrases: cosines, sorted descending, the picked one, hinge. With
+  `negative_states` (phrases, patches) row b's negative is scored on those rows b instead."""
   phrase_states, patch_states = np.asarray(phrase_states, np.float64), np.asarray(patch_states, np.float64)
 
-  def score(b, image, picks):
+  def score(b, image, picks, phrases=phrase_states, patches=patch_states):
     values = []
     for l in np.flatnonzero(phrase_mask[b]):
-      phrase = phrase_states[b, l] / np.linalg.norm(phrase_states[b, l])
-      cosines = sorted((phrase @ (p / np.linalg.norm(p)) for p in patch_states[image]), reverse=True)
+      phrase = phrases[b, l] / np.linalg.norm(phrases[b, l])
+      cosines = sorted((phrase @ (p / np.linalg.norm(p)) for p in patches[image]), reverse=True)
       values.append(cosines[picks[b, l]])
     return np.mean(values)
 
@@ -187,7 +188,10 @@ def reference_wpg(phrase_states, phrase_mask, patch_states, negative_index, posi
     if not phrase_mask[b].any():
       continue
     positives.append(score(b, b, positive_pick))
-    negatives.append(score(b, negative_index[b], negative_pick))
+    if negative_states is None:
+      negatives.append(score(b, negative_index[b], negative_pick))
+    else:
+      negatives.append(score(b, b, negative_pick, *(np.asarray(x, np.float64) for x in negative_states)))
     hinges.append(max(0.0, negatives[-1] + margin - positives[-1]))
   return np.mean(hinges), np.mean(positives), np.mean(negatives)
 
@@ -238,6 +242,54 @@ def test_wpg_objective_draws_and_scores_like_the_reference():
                                  negative_pick, margin=0.3)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   assert float(metrics["loss"]) == float(loss)
+
+
+def test_wpg_fused_negatives_score_a_pass_over_the_negative_pair():
+  phrase_states, phrase_mask, patch_states = _wpg_inputs(5)
+  batch, length, width = phrase_states.shape
+  patches = patch_states.shape[1]
+  rng = np.random.default_rng(7)
+  text_enc = rng.standard_normal((batch, length, width)).astype(np.float32)
+  image_enc = rng.standard_normal((batch, patches + 2, width)).astype(np.float32)  # patches + 2 tags
+  image_mask = (rng.random((batch, patches + 2)) < 0.8).astype(np.int32)
+  text_mask = np.ones((batch, length), np.int32)
+  mixer = rng.standard_normal((width, width)).astype(np.float32)
+
+  def fuse(xp, text, mask, image, img_mask):
+    # A stand-in cross-modal pass whose outputs depend on both sides of the pair.
+    pooled = (image * img_mask[..., None]).sum(1, keepdims=True) / img_mask.sum(1, keepdims=True)[..., None]
+    return {"text_states": xp.tanh(text @ mixer + pooled),
+            "image_states": image + xp.tanh(text.mean(1, keepdims=True) * mask.mean(1)[:, None, None])}
+
+  base_key = jax.random.key(12)
+  ctx = types.SimpleNamespace(
+      cfg=ml_collections.ConfigDict(dict(margin=0.2, negatives="fused")),
+      batch={"text_mask": jnp.asarray(text_mask)},
+      corrupted_text={"states": jnp.asarray(text_enc)},
+      corrupted_image={"states": jnp.asarray(image_enc), "mask": jnp.asarray(image_mask)},
+      corrupted_fusion={"text_states": jnp.asarray(phrase_states),
+                        "image_states": jnp.asarray(np.concatenate([patch_states, np.zeros((batch, 2, width))], 1))},
+      student=types.SimpleNamespace(fuse=lambda t, m, i, im: fuse(jnp, t, m, i, im)),
+      model_config=types.SimpleNamespace(vision=types.SimpleNamespace(num_patches=patches)),
+      rng=lambda name: jax.random.fold_in(base_key, zlib.crc32(name.encode()) & 0x7FFFFFFF))
+  loss, metrics = wpg.wpg_loss(ctx, {"phrase_mask": jnp.asarray(phrase_mask), "text_mask": jnp.asarray(text_mask)})
+  negative_key, positive_key, pick_key = jax.random.split(ctx.rng("wpg"), 3)
+  negative_index = np.asarray(wpg.random_other_rows(negative_key, batch))
+  positive_pick = np.asarray(jax.random.randint(positive_key, phrase_mask.shape, 0, 3))
+  negative_pick = np.asarray(jax.random.randint(pick_key, phrase_mask.shape, 0, 3))
+  negative_pair = fuse(np, text_enc, text_mask, image_enc[negative_index], image_mask[negative_index])
+  expected, positive, negative = reference_wpg(
+      phrase_states, phrase_mask, patch_states, negative_index, positive_pick, negative_pick,
+      negative_states=(negative_pair["text_states"], negative_pair["image_states"][:, :patches]))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["positive"], positive, rtol=1e-5)
+  np.testing.assert_allclose(metrics["negative"], negative, rtol=1e-5)
+  # MVPTR's negatives score the other pair's own pass: a different number on the same draws.
+  ctx.cfg.negatives = "pass"
+  assert abs(float(wpg.wpg_loss(ctx, {"phrase_mask": jnp.asarray(phrase_mask)})[0]) - float(loss)) > 1e-4
+  ctx.cfg.negatives = "typo"
+  with pytest.raises(ValueError, match="negatives"):
+    wpg.wpg_loss(ctx, {"phrase_mask": jnp.asarray(phrase_mask)})
 
 
 def test_random_other_rows_are_uniform_over_the_others():

@@ -6,6 +6,12 @@ cosines, drawn uniformly at random, and the mean over the phrases is s(T, I). Th
 s(T, I') for the patches of one random other image I' of the batch, as they came out of that
 image's own pair (MVPTR reuses the positive pass, it fuses nothing new). Loss: the hinge
 max(0, s(T, I') + margin - s(T, I)), averaged over the examples with at least one phrase.
+
+`negatives='fused'` ([D], not in MVPTR): s(T, I') is scored on a cross-modal pass of the pair
+(T, I') itself, one more fusion of B pairs. With MVPTR's negative the phrases and patches of a
+positive come from one joint pass, those of the negative from two different ones, so the hinge
+can be met by states that merely mark their pair; fused negatives close that shortcut and leave
+only the phrase-patch match (docs/methods/mvp.md, Demo).
 """
 import jax
 import jax.numpy as jnp
@@ -13,6 +19,8 @@ import jax.numpy as jnp
 from vlpjax.models import layers
 from vlpjax.objectives import corrupted  # noqa: F401  (registers the corrupted_* features)
 from vlpjax.objectives import registry
+
+NEGATIVES = ("pass", "fused")
 
 
 def sentence_scores(phrase_states: jax.Array, phrase_mask: jax.Array, patch_states: jax.Array,
@@ -39,7 +47,8 @@ def sentence_scores(phrase_states: jax.Array, phrase_mask: jax.Array, patch_stat
 
 def phrase_grounding_loss(phrase_states: jax.Array, phrase_mask: jax.Array, patch_states: jax.Array,
                           negative_index: jax.Array, positive_pick: jax.Array, negative_pick: jax.Array, *,
-                          margin: float = 0.2, top_k: int = 3) -> tuple[jax.Array, dict]:
+                          margin: float = 0.2, top_k: int = 3,
+                          negative_states: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict]:
   """The WPG hinge.
 
   Args:
@@ -47,6 +56,9 @@ def phrase_grounding_loss(phrase_states: jax.Array, phrase_mask: jax.Array, patc
       fused with text b).
     negative_index: int [B], the other image each row is contrasted with (never b).
     positive_pick, negative_pick: int [B, L] in [0, top_k), the draws of `sentence_scores`.
+    negative_states: None (MVPTR): s(T_b, I_neg(b)) scores row b's phrase states against
+      patch_states[negative_index[b]]; or (phrases [B, L, D], patches [B, N, D]) of the pairs
+      (T_b, I_neg(b)) fused together (`negatives='fused'`), scored row by row.
 
   Returns:
     (loss, {'positive', 'negative', 'with_phrases'}): loss = sum_b h_b [n_b > 0] / max(1, #{b:
@@ -55,7 +67,10 @@ def phrase_grounding_loss(phrase_states: jax.Array, phrase_mask: jax.Array, patc
     fraction.
   """
   positive = sentence_scores(phrase_states, phrase_mask, patch_states, positive_pick, top_k)
-  negative = sentence_scores(phrase_states, phrase_mask, patch_states[negative_index], negative_pick, top_k)
+  if negative_states is None:
+    negative = sentence_scores(phrase_states, phrase_mask, patch_states[negative_index], negative_pick, top_k)
+  else:
+    negative = sentence_scores(negative_states[0], phrase_mask, negative_states[1], negative_pick, top_k)
   has_phrases = jnp.any(phrase_mask.astype(bool), axis=1).astype(jnp.float32)
   rows = jnp.maximum(jnp.sum(has_phrases), 1.0)
   hinge = jnp.maximum(0.0, negative + margin - positive)
@@ -82,6 +97,18 @@ def _check(cfg, config) -> None:
   grid = int(config.model.vision.image_size) // int(config.model.vision.patch_size)
   if not 1 <= top_k <= grid * grid:
     raise ValueError(f"config.objectives.wpg.top_k={top_k} must be in [1, {grid * grid}] (the patches)")
+  registry.choice(cfg, "negatives", "pass", NEGATIVES, "wpg")
+
+
+def fused_negatives(ctx, negative_index: jax.Array, num_patches: int) -> tuple[jax.Array, jax.Array]:
+  """(phrase-side text states [B, L, D], patch states [B, P, D]) of one cross-modal pass over the
+  pairs (T_b, I_neg(b)): the corrupted text encoding of row b with the corrupted image encoding
+  (and its tag mask) of row negative_index[b]."""
+  text, image = ctx.corrupted_text, ctx.corrupted_image
+  image_mask = image.get("mask")
+  fused = ctx.student.fuse(text["states"], ctx.batch["text_mask"], image["states"][negative_index],
+                           None if image_mask is None else image_mask[negative_index])
+  return fused["text_states"], fused["image_states"][:, :num_patches]
 
 
 @registry.register("wpg", check=_check)
@@ -90,8 +117,11 @@ def wpg_loss(ctx, batch):
 
   Inputs: ctx.corrupted_fusion (text_states [B, L, D]; image_states [B, P(+T), D], whose first
   P = ctx.model_config.vision.num_patches rows are the patches); batch['phrase_mask'] [B, L]
-  (1 at the phrase tokens of `[CLS] words phrases [SEP]`); ctx.rng('wpg').
-  Config: `margin` (0.2), `top_k` (3).
+  (1 at the phrase tokens of `[CLS] words phrases [SEP]`); ctx.rng('wpg'); with
+  `negatives='fused'` also ctx.corrupted_text / corrupted_image, ctx.student.fuse and
+  batch['text_mask'] (`fused_negatives`).
+  Config: `margin` (0.2), `top_k` (3), `negatives` 'pass' (MVPTR: the negative image's patches
+  from its own pair's pass) or 'fused' ([D]: a pass over the negative pair; module docstring).
 
   Formula: `phrase_grounding_loss` with negative rows `random_other_rows` and picks uniform in
   [0, top_k) per phrase, drawn independently for the positive and the negative score.
@@ -116,6 +146,10 @@ def wpg_loss(ctx, batch):
   negative_index = random_other_rows(negative_key, batch_size)
   positive_pick = jax.random.randint(positive_pick_key, phrase_mask.shape, 0, top_k)
   negative_pick = jax.random.randint(negative_pick_key, phrase_mask.shape, 0, top_k)
+  negative_states = None
+  if registry.choice(ctx.cfg, "negatives", "pass", NEGATIVES, "wpg") == "fused":
+    negative_states = fused_negatives(ctx, negative_index, num_patches)
   loss, metrics = phrase_grounding_loss(text_states, phrase_mask, patches, negative_index, positive_pick,
-                                        negative_pick, margin=float(ctx.cfg.get("margin", 0.2)), top_k=top_k)
+                                        negative_pick, margin=float(ctx.cfg.get("margin", 0.2)), top_k=top_k,
+                                        negative_states=negative_states)
   return loss, {"loss": loss, **metrics}
