@@ -37,21 +37,26 @@ def test_patch_centres_and_inside_any_match_a_loop():
   np.testing.assert_array_equal(pg.inside_any(points, boxes), expected)
 
 
-def test_grounding_scores():
+def _hit_and_chance(sims, boxes, grid):
+  scores = pg.phrase_scores(sims, boxes, boxes, grid)
+  return scores.hit, scores.random_patch
+
+
+def test_hit_and_random_patch():
   grid = 4
   box = np.array([[0.0, 0.0, 0.5, 0.5]])  # the top-left 2 x 2 patches
   sims = np.zeros(16)
   sims[5] = 1.0  # row 1, column 1: inside
-  assert pg.grounding_scores(sims, box, grid) == (True, 4 / 16)
+  assert _hit_and_chance(sims, box, grid) == (True, 4 / 16)
   sims[5], sims[15] = 0.0, 1.0
-  assert pg.grounding_scores(sims, box, grid) == (False, 4 / 16)
+  assert _hit_and_chance(sims, box, grid) == (False, 4 / 16)
   for row, col in itertools.product(range(4), range(4)):
     sims = np.zeros(16)
     sims[row * 4 + col] = 1.0
-    assert pg.grounding_scores(sims, box, grid)[0] == (row < 2 and col < 2)
+    assert _hit_and_chance(sims, box, grid)[0] == (row < 2 and col < 2)
 
 
-def test_object_scores_match_a_loop():
+def test_object_controls_match_a_loop():
   grid = 4
   rng = np.random.default_rng(1)
   centres = [((r + 0.5) / grid, (c + 0.5) / grid) for r in range(grid) for c in range(grid)]
@@ -64,7 +69,8 @@ def test_object_scores_match_a_loop():
     inside = lambda p, boxes: any(b[0] <= p[0] <= b[2] and b[1] <= p[1] <= b[3] for b in boxes)
     on_scene = [p for p in centres if inside(p, scene)]
     want_chance = sum(inside(p, described) for p in on_scene) / max(len(on_scene), 1)
-    on_object, chance, area = pg.object_scores(sims, described, scene, grid)
+    scores = pg.phrase_scores(sims, described, scene, grid)
+    on_object, chance, area = scores.on_object, scores.object_patch, scores.object_area
     assert on_object == inside(chosen, scene)
     assert chance == pytest.approx(want_chance)
     assert area == pytest.approx(len(on_scene) / grid**2)
@@ -73,8 +79,10 @@ def test_object_scores_match_a_loop():
   scene = np.array([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
   sims = np.zeros(16)
   sims[15] = 1.0
-  assert pg.object_scores(sims, scene[:1], scene, grid) == (True, 0.5, 0.5)
-  assert pg.grounding_scores(sims, scene[:1], grid) == (False, 4 / 16)
+  scores = pg.phrase_scores(sims, scene[:1], scene, grid)
+  assert (scores.on_object, scores.object_patch, scores.object_area) == (True, 0.5, 0.5)
+  assert (scores.hit, scores.random_patch) == (False, 4 / 16)
+  np.testing.assert_array_equal(scores.described, pg.inside_any(pg.patch_centres(grid), scene[:1]))
 
 
 def test_evaluation_runs_on_the_tiny_demo():

@@ -33,7 +33,7 @@ accuracy beats `best_fixed_patch`), not just where it beats the random patch.
 """
 import json
 import re
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -81,34 +81,33 @@ def inside_any(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
                 & (x <= boxes[None, :, 3]), axis=1)
 
 
-def grounding_scores(similarities: np.ndarray, boxes: np.ndarray, grid: int) -> tuple[bool, float]:
-  """(hit, random-patch probability) of one object phrase.
+class PhraseScores(NamedTuple):
+  """The scores of one object phrase (`phrase_scores`)."""
+  hit: bool              # the chosen patch lies in a box of an object the phrase describes
+  random_patch: float    # the probability of a hit for a uniformly drawn patch
+  on_object: bool        # the chosen patch lies in the box of some object of the scene
+  object_patch: float    # the hit probability of a patch drawn uniformly from those on an object
+                         # (0 when no patch centre is on one)
+  object_area: float     # the fraction of patches on some object
+  described: np.ndarray  # bool [grid * grid]: the patches a hit may choose
+
+
+def phrase_scores(similarities: np.ndarray, boxes: np.ndarray, scene_boxes: np.ndarray, grid: int) -> PhraseScores:
+  """Scores one object phrase grounded to its most similar patch.
 
   Args:
     similarities: [grid * grid] cosine of the phrase with each patch.
     boxes: [k, 4] the boxes of the objects the phrase describes (k >= 1).
-  """
-  inside = inside_any(patch_centres(grid), boxes)
-  return bool(inside[int(np.argmax(similarities))]), float(np.mean(inside))
-
-
-def object_scores(similarities: np.ndarray, boxes: np.ndarray, scene_boxes: np.ndarray,
-                  grid: int) -> tuple[bool, float, float]:
-  """(on an object, object-patch probability, object area) of one object phrase: whether the
-  chosen patch lies in the box of any object of the scene, the accuracy of a patch drawn
-  uniformly from the patches inside any object (0 when no patch centre is), and the fraction of
-  patches inside any object.
-
-  Args:
-    similarities: [grid * grid] cosine of the phrase with each patch.
-    boxes: [k, 4] the boxes of the objects the phrase describes.
     scene_boxes: [n, 4] the boxes of every object of the scene.
   """
   centres = patch_centres(grid)
   described = inside_any(centres, boxes)
   on_object = inside_any(centres, scene_boxes) | described
-  return (bool(on_object[int(np.argmax(similarities))]), float(described.sum() / max(int(on_object.sum()), 1)),
-          float(np.mean(on_object)))
+  choice = int(np.argmax(similarities))
+  return PhraseScores(hit=bool(described[choice]), random_patch=float(np.mean(described)),
+                      on_object=bool(on_object[choice]),
+                      object_patch=float(described.sum() / max(int(on_object.sum()), 1)),
+                      object_area=float(np.mean(on_object)), described=described)
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -200,17 +199,16 @@ def evaluate(config, model, params, *, num_images: int = 0, batch_size: int = 64
         chosen = described_objects(phrase or (), objects, tuple(demo_data.COLORS))
         if not chosen:
           continue
-        boxes = np.asarray([objects[i]["bbox"] for i in chosen])
-        hit, chance = grounding_scores(sims[k, position], boxes, grid)
-        on_object, object_chance, object_area = object_scores(sims[k, position], boxes, scene_boxes, grid)
-        hits.append(hit)
-        chances.append(chance)
-        on_objects.append(on_object)
-        object_chances.append(object_chance)
-        object_areas.append(object_area)
-        inside_counts += inside_any(patch_centres(grid), boxes)
+        scores = phrase_scores(sims[k, position], np.asarray([objects[i]["bbox"] for i in chosen]), scene_boxes,
+                               grid)
+        hits.append(scores.hit)
+        chances.append(scores.random_patch)
+        on_objects.append(scores.on_object)
+        object_chances.append(scores.object_patch)
+        object_areas.append(scores.object_area)
+        inside_counts += scores.described
         kind = "object" if len(phrase) == 1 else "attribute"
-        per_kind.setdefault(kind, []).append(hit)
+        per_kind.setdefault(kind, []).append(scores.hit)
   results["grounding/accuracy"] = 100.0 * float(np.mean(hits)) if hits else 0.0
   results["grounding/random_patch"] = 100.0 * float(np.mean(chances)) if chances else 0.0
   results["grounding/phrases"] = float(len(hits))
