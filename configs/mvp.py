@@ -148,18 +148,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     concepts = "path={annotations!r}, eval_path={eval_annotations!r}"
     # ALBEF's pretraining image ops without the flip: phrases name left / right relations.
     image_ops = "decode_random_resized_crop({image_size}, scale=(0.2, 1.0))|randaug(2, 7)|normalize('clip')"
-    config.input.pp = image_ops + "|choose_caption|" + caption_ops(
-        concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True,
-        tags=bool(args.tags), tag_mask=bool(args.mcr))
-    config.input.batch_pp = ""
-    config.input.eval_text_pp = eval_text_ops(concepts, word_vocab, phrases)
   else:
     concepts = demo_concepts(size)
-    config.input.pp = inputs.DEMO_IMAGE_PP + "|choose_caption|" + caption_ops(
-        concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True,
-        tags=bool(args.tags), tag_mask=bool(args.mcr))
-    config.input.batch_pp = ""
-    config.input.eval_text_pp = eval_text_ops(concepts, word_vocab, phrases)
+    image_ops = inputs.DEMO_IMAGE_PP
+  config.input.pp = image_ops + "|choose_caption|" + caption_ops(
+      concepts=concepts, word_vocab=word_vocab, phrases=phrases, tag_len=tag_len, masked=True,
+      tags=bool(args.tags), tag_mask=bool(args.mcr))
+  config.input.batch_pp = ""
+  config.input.eval_text_pp = eval_text_ops(concepts, word_vocab, phrases)
   if args.curriculum:
     total = int(config.total_steps)
     if not 0 < args.curriculum < total:
